@@ -1,0 +1,22 @@
+"""Server-side sessions for any WSGI application, stored in Redis, PostgreSQL or SQLite."""
+
+from .config import ConfigError, Settings, create_session_store
+from .middleware import SessionMiddleware
+from .session import Session, SessionValueError
+from .stores import MemoryStore, SessionStore, SQLiteStore, StoreError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "MemoryStore",
+    "SQLiteStore",
+    "Session",
+    "SessionMiddleware",
+    "SessionStore",
+    "SessionValueError",
+    "Settings",
+    "StoreError",
+    "create_session_store",
+    "__version__",
+]

@@ -1,0 +1,264 @@
+"""Settings from the environment and keyword arguments, and the choice of store at start-up.
+
+Everything is validated here, once, so that a bad value stops start-up with a message
+instead of failing at the first request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from .stores.base import SessionStore, StoreError
+
+log = logging.getLogger("wsgisession")
+
+MIN_SECRET_LENGTH = 32
+_KNOWN_WEAK = {"secret", "changeme", "change-me", "your-secret-key", "keyboard cat", "development", "password"}
+_GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+STORES = ("redis", "postgres", "sqlite", "memory")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message says which and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved: explicit arguments over environment variables over defaults."""
+
+    secrets: tuple[str, ...] = dataclasses.field(repr=False)
+    max_age: float = 86400.0
+    cookie_name: str = "session"
+    cookie_path: str = "/"
+    cookie_domain: str | None = None
+    cookie_secure: bool | None = None  # None: Secure when the request came over https
+    cookie_samesite: str = "Lax"
+    fail_on_store_error: bool = False
+    store: str | None = None
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    database_url: str | None = dataclasses.field(default=None, repr=False)
+    sqlite_path: str = "wsgisession.sqlite3"
+    table: str = "wsgisession"
+    redis_prefix: str = "sess:"
+    store_timeout: float = 1.0
+    cleanup_interval: float = 120.0
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read the ``SESSION_*``, ``REDIS_URL`` and ``DATABASE_URL`` variables, then apply ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, (variable, parse) in _VARIABLES.items():
+            raw = env.get(variable, "").strip()
+            if raw:
+                try:
+                    values[name] = parse(raw)
+                except ValueError as exc:
+                    raise ConfigError(f"{variable}: {exc}") from None
+        secret = overrides.pop("secret", None)
+        if secret is not None:
+            values["secrets"] = (secret,) if isinstance(secret, str) else tuple(secret)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if "secrets" not in values:
+            raise ConfigError(f"SESSION_SECRET is not set. Set it to a long random string, for example: {_GENERATE}")
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` for any value that cannot work."""
+        for position, secret in enumerate(self.secrets, 1):
+            where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(self.secrets) > 1 else "")
+            if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
+                raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {_GENERATE}")
+            if len(secret) < MIN_SECRET_LENGTH:
+                raise ConfigError(
+                    f"{where} is too short ({len(secret)} characters; at least {MIN_SECRET_LENGTH} random ones "
+                    f"are needed). Generate one with: {_GENERATE}"
+                )
+        if self.max_age <= 0:
+            raise ConfigError("SESSION_MAX_AGE must be positive")
+        if self.cookie_samesite not in ("Lax", "Strict", "None"):
+            raise ConfigError("SESSION_COOKIE_SAMESITE must be Lax, Strict or None")
+        if self.cookie_samesite == "None" and self.cookie_secure is not True:
+            raise ConfigError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE=true (browsers require it)")
+        if not self.cookie_name or any(c in self.cookie_name for c in ' =;,"\t\r\n'):
+            raise ConfigError(f"SESSION_COOKIE_NAME {self.cookie_name!r} is not a valid cookie name")
+        if not self.cookie_path.startswith("/"):
+            raise ConfigError("SESSION_COOKIE_PATH must start with /")
+        if self.store is not None and self.store not in STORES:
+            raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
+        if self.store_timeout <= 0 or self.cleanup_interval < 0:
+            raise ConfigError("SESSION_STORE_TIMEOUT must be positive and SESSION_CLEANUP_INTERVAL not negative")
+
+
+def _milliseconds(raw: str) -> float:
+    return int(raw) / 1000
+
+
+def _flag(raw: str) -> bool:
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise ValueError(f"expected true or false, not {raw!r}")
+
+
+def _secure(raw: str) -> bool | None:
+    return None if raw.lower() == "auto" else _flag(raw)
+
+
+def _samesite(raw: str) -> str:
+    return raw.capitalize()
+
+
+_VARIABLES: dict[str, tuple[str, Any]] = {
+    "secrets": ("SESSION_SECRET", lambda raw: tuple(s.strip() for s in raw.split(",") if s.strip())),
+    "max_age": ("SESSION_MAX_AGE", _milliseconds),
+    "cookie_name": ("SESSION_COOKIE_NAME", str),
+    "cookie_path": ("SESSION_COOKIE_PATH", str),
+    "cookie_domain": ("SESSION_COOKIE_DOMAIN", str),
+    "cookie_secure": ("SESSION_COOKIE_SECURE", _secure),
+    "cookie_samesite": ("SESSION_COOKIE_SAMESITE", _samesite),
+    "fail_on_store_error": ("SESSION_FAIL_ON_STORE_ERROR", _flag),
+    "store": ("SESSION_STORE", str.lower),
+    "redis_url": ("REDIS_URL", str),
+    "database_url": ("DATABASE_URL", str),
+    "sqlite_path": ("SESSION_SQLITE_PATH", str),
+    "table": ("SESSION_TABLE", str),
+    "redis_prefix": ("SESSION_REDIS_PREFIX", str),
+    "store_timeout": ("SESSION_STORE_TIMEOUT", float),
+    "cleanup_interval": ("SESSION_CLEANUP_INTERVAL", float),
+}
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, for logs and messages."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "<unparsable URL>"
+
+
+# -- choosing the store ----------------------------------------------------------------
+
+REDIS_RETRIES = 3
+
+
+def create_session_store(settings: Settings, cleanup_interval: float | None = None) -> SessionStore:
+    """Build the store the settings select, detecting Redis and PostgreSQL unless SESSION_STORE forces one.
+
+    ``cleanup_interval`` overrides the setting (the CLI passes 0: no thread).
+    """
+    interval = settings.cleanup_interval if cleanup_interval is None else cleanup_interval
+    forced = settings.store
+    if forced == "memory":
+        from .stores.memory import MemoryStore
+
+        return MemoryStore()
+    if forced == "sqlite":
+        return _sqlite(settings, interval)
+    if forced == "redis":
+        return _redis(settings)
+    if forced == "postgres":
+        return _postgres(settings, interval)
+
+    redis_failure = "REDIS_URL is not set"
+    if settings.redis_url:
+        store = _redis(settings)
+        try:
+            _ping_with_retries(store)
+        except StoreError as exc:
+            store.close()
+            redis_failure = f"Redis at {mask_url(settings.redis_url)} did not answer: {exc}"
+            log.warning("Redis unavailable, falling back to PostgreSQL (%s)", redis_failure)
+        else:
+            log.info("Using Redis for session storage")
+            return store
+    else:
+        log.info("No REDIS_URL provided, using PostgreSQL for sessions")
+
+    if settings.database_url:
+        try:
+            pg_store = _postgres(settings, interval)
+        except StoreError as exc:
+            raise ConfigError(
+                f"Cannot start: no session store is reachable. {redis_failure}; "
+                f"PostgreSQL at {mask_url(settings.database_url)} failed: {exc}"
+            ) from None
+        log.info("Using PostgreSQL for session storage")
+        return pg_store
+    if settings.redis_url:
+        raise ConfigError(f"Cannot start: {redis_failure}, and DATABASE_URL is not set for a fallback")
+    return _sqlite(settings, interval)
+
+
+def _ping_with_retries(store: SessionStore) -> None:
+    for attempt in range(REDIS_RETRIES + 1):
+        try:
+            store.ping()
+            return
+        except StoreError:
+            if attempt == REDIS_RETRIES:
+                raise
+            time.sleep(min((attempt + 1) * 200, 1000) / 1000)
+
+
+def _redis(settings: Settings) -> SessionStore:
+    if not settings.redis_url:
+        raise ConfigError("SESSION_STORE=redis needs REDIS_URL")
+    try:
+        from .stores.redis import RedisStore
+    except ImportError:
+        raise ConfigError("REDIS_URL is set but redis is not installed: pip install 'wsgisession[redis]'") from None
+    try:
+        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.store_timeout)
+    except ValueError as exc:
+        raise ConfigError(f"REDIS_URL {mask_url(settings.redis_url)} is not a Redis URL: {exc}") from None
+
+
+def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
+    if not settings.database_url:
+        raise ConfigError("SESSION_STORE=postgres needs DATABASE_URL")
+    try:
+        import psycopg2.extensions
+
+        from .stores.postgres import PostgresStore
+    except ImportError:
+        raise ConfigError(
+            "DATABASE_URL is set but psycopg2 is not installed: pip install 'wsgisession[postgres]'"
+        ) from None
+    try:
+        psycopg2.extensions.parse_dsn(settings.database_url)
+    except psycopg2.ProgrammingError as exc:
+        msg = str(exc).strip()
+        raise ConfigError(f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL: {msg}") from None
+    return PostgresStore(
+        settings.database_url,
+        table=settings.table,
+        cleanup_interval=cleanup_interval,
+        timeout=max(settings.store_timeout, 1.0),
+    )
+
+
+def _sqlite(settings: Settings, cleanup_interval: float) -> SessionStore:
+    from .stores.sqlite import SQLiteStore
+
+    path = os.path.abspath(settings.sqlite_path)
+    store = SQLiteStore(path, table=settings.table, cleanup_interval=cleanup_interval)
+    log.warning(
+        "Using the embedded SQLite session store at %s: for one host only; "
+        "set REDIS_URL or DATABASE_URL to share sessions between hosts",
+        path,
+    )
+    return store

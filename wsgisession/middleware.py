@@ -1,0 +1,222 @@
+"""The WSGI middleware: where a request's session is loaded (lazily) and saved (at start_response)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from werkzeug.http import dump_cookie
+
+from .config import Settings, create_session_store
+from .session import Session, encode
+from .signing import Signer, store_key
+from .stores.base import SessionStore, StoreError
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger("wsgisession")
+
+MAX_COOKIE_HEADER = 8192  # a longer Cookie header is ignored, not parsed
+Headers = list[tuple[str, str]]
+
+
+class SessionMiddleware:
+    """Wraps a WSGI application and puts its :class:`Session` at ``environ["session"]``.
+
+    Keyword arguments override the environment variables of the same meaning
+    (``secret`` is ``SESSION_SECRET``; ``max_age`` is in seconds). With no ``store``,
+    one is chosen from the environment by :func:`create_session_store`.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        store: SessionStore | None = None,
+        *,
+        secret: str | list[str] | None = None,
+        max_age: float | None = None,
+        cookie_name: str | None = None,
+        cookie_path: str | None = None,
+        cookie_domain: str | None = None,
+        cookie_secure: bool | None = None,
+        cookie_samesite: str | None = None,
+        fail_on_store_error: bool | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = Settings.load(
+            secret=secret,
+            max_age=max_age,
+            cookie_name=cookie_name,
+            cookie_path=cookie_path,
+            cookie_domain=cookie_domain,
+            cookie_secure=cookie_secure,
+            cookie_samesite=cookie_samesite,
+            fail_on_store_error=fail_on_store_error,
+        )
+        self.store = store if store is not None else create_session_store(self.settings)
+        self.signer = Signer(self.settings.secrets)
+        # The expiry is extended at most once a minute (or every tenth of max_age).
+        self.refresh_after = min(60.0, self.settings.max_age / 10)
+        self._failures = _FailureLog()
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = _Request(self, environ, start_response)
+        environ["session"] = request.session
+        body = self.app(environ, request.start_response)
+        if request.failed and self.settings.fail_on_store_error:
+            if hasattr(body, "close"):
+                body.close()
+            message = b"Session store unavailable\n"
+            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))]
+            start_response("503 Service Unavailable", headers)
+            return [message]
+        return body
+
+    def close(self) -> None:
+        """Close the store (its connections and cleanup thread)."""
+        self.store.close()
+
+    # -- loading and saving ------------------------------------------------------------
+
+    def session_id_from(self, environ: WSGIEnvironment) -> tuple[str, bool] | None:
+        """The id of the first genuine session cookie of the request, and whether the current key signed it."""
+        header = environ.get("HTTP_COOKIE")
+        name = self.settings.cookie_name
+        if not header or name not in header or len(header) > MAX_COOKIE_HEADER:
+            return None
+        for part in header.split(";"):
+            key, _, value = part.partition("=")
+            if key.strip() == name:
+                found = self.signer.unsign(value.strip().strip('"'))
+                if found is not None:
+                    return found
+        return None
+
+    def save(self, session: Session, environ: WSGIEnvironment, resign: bool) -> Headers:
+        """Write what the request changed and return the headers that go with it."""
+        loaded_id, data = session._loaded_id, session._values
+        store, ttl = self.store, self.settings.max_age
+        if loaded_id is None or session._id != loaded_id:  # a new record is needed
+            if loaded_id is not None:
+                store.delete(store_key(loaded_id))
+            if data:
+                session_id = session.id
+                store.create(store_key(session_id), {k: encode(k, v) for k, v in data.items()}, ttl)
+                return [self.cookie(environ, session_id)]
+            return [self.expired_cookie(environ)] if self.settings.cookie_name in environ.get("HTTP_COOKIE", "") else []
+        key = store_key(loaded_id)
+        if not data:
+            store.delete(key)
+            return [self.expired_cookie(environ)]
+        changes = session.changes()
+        if changes.set or changes.deleted:
+            extended = store.update(key, changes, ttl)
+        elif resign or (session._expires or 0) - time.time() < ttl - self.refresh_after:
+            extended = store.touch(key, ttl)
+        else:
+            return []
+        # A session deleted meanwhile (a concurrent logout) stays deleted.
+        return [self.cookie(environ, loaded_id) if extended else self.expired_cookie(environ)]
+
+    def cookie(self, environ: WSGIEnvironment, session_id: str) -> tuple[str, str]:
+        """The Set-Cookie header that hands ``session_id`` to the browser."""
+        s = self.settings
+        return ("Set-Cookie", dump_cookie(
+            s.cookie_name, self.signer.sign(session_id), max_age=int(s.max_age), path=s.cookie_path,
+            domain=s.cookie_domain, secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
+        ))  # fmt: skip
+
+    def expired_cookie(self, environ: WSGIEnvironment) -> tuple[str, str]:
+        """The Set-Cookie header that makes the browser drop the session cookie."""
+        s = self.settings
+        return ("Set-Cookie", dump_cookie(
+            s.cookie_name, "", max_age=0, expires=0, path=s.cookie_path, domain=s.cookie_domain,
+            secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
+        ))  # fmt: skip
+
+    def _secure(self, environ: WSGIEnvironment) -> bool:
+        secure = self.settings.cookie_secure
+        return environ.get("wsgi.url_scheme") == "https" if secure is None else secure
+
+
+class _Request:
+    """One request's session state: the lazy load, and the save when the response starts."""
+
+    __slots__ = ("middleware", "environ", "session", "failed", "resign", "_start_response")
+
+    def __init__(self, middleware: SessionMiddleware, environ: WSGIEnvironment, start_response: StartResponse):
+        self.middleware = middleware
+        self.environ = environ
+        self.session = Session(self.load)
+        self.failed = False  # the store failed: the session is neither saved nor its cookie changed
+        self.resign = False  # the cookie was signed with an older key
+        self._start_response = start_response
+
+    def load(self) -> tuple[str | None, dict[str, Any], float | None]:
+        found = self.middleware.session_id_from(self.environ)
+        if found is None:
+            return None, {}, None
+        session_id, current = found
+        try:
+            record = self.middleware.store.load(store_key(session_id))
+        except StoreError as exc:
+            self.fail("loading", exc)
+            return None, {}, None
+        if record is None:
+            return None, {}, None
+        self.resign = not current
+        return session_id, record.data, record.expires
+
+    def start_response(self, status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
+        session = self.session
+        if session.accessed and not session._saved:
+            session._saved = True
+            _add_vary_cookie(headers)
+            if not self.failed:
+                try:
+                    headers.extend(self.middleware.save(session, self.environ, self.resign))
+                except StoreError as exc:
+                    self.fail("saving", exc)
+        if self.failed and self.middleware.settings.fail_on_store_error:
+            return _discard  # the middleware answers 503 instead
+        return self._start_response(status, headers, exc_info)
+
+    def fail(self, action: str, exc: StoreError) -> None:
+        self.failed = True
+        self.middleware._failures.report(action, exc)
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def _add_vary_cookie(headers: Headers) -> None:
+    for index, (name, value) in enumerate(headers):
+        if name.lower() == "vary":
+            if "cookie" not in value.lower() and value.strip() != "*":
+                headers[index] = (name, f"{value}, Cookie")
+            return
+    headers.append(("Vary", "Cookie"))
+
+
+class _FailureLog:
+    """Logs store failures at WARNING, once per burst: at most one line a minute, with a count."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def report(self, action: str, exc: StoreError) -> None:
+        with self._lock:
+            t = time.monotonic()
+            if t < self._next:
+                self._suppressed += 1
+                return
+            more = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
+            self._next, self._suppressed = t + self._interval, 0
+        log.warning("Session store failed while %s a session: %s%s", action, exc, more)

@@ -1,0 +1,163 @@
+"""The session object an application sees: a dict of JSON values that knows what it changed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Callable, Iterator, MutableMapping
+
+from .signing import new_id
+from .stores.base import Changes
+
+log = logging.getLogger("wsgisession")
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_IMMUTABLE = (str, int, float, bool, type(None))
+
+
+class SessionValueError(TypeError):
+    """A session value that JSON cannot hold; the message names the key."""
+
+
+def encode(key: str, value: Any) -> str:
+    """The JSON text of one session value, or :class:`SessionValueError` naming ``key``."""
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise SessionValueError(f"session[{key!r}] cannot be stored as JSON: {exc}") from None
+
+
+class Session(MutableMapping[str, Any]):
+    """One request's session. It loads on first use and remembers, per key, what it was
+    when loaded, so that the middleware writes only the keys this request changed.
+    """
+
+    __slots__ = ("_load", "_data", "_before", "_id", "_loaded_id", "_expires", "_new", "_saved")
+
+    def __init__(self, load: Callable[[], tuple[str | None, dict[str, Any], float | None]]) -> None:
+        """``load`` returns the stored session's id (None if there is none), data and expiry."""
+        self._load = load
+        self._data: dict[str, Any] | None = None
+        # JSON text at load time (None: absent) of every key this request may have changed.
+        self._before: dict[str, str | None] = {}
+        self._id: str | None = None
+        self._loaded_id: str | None = None
+        self._expires: float | None = None
+        self._new = True
+        self._saved = False
+
+    def __repr__(self) -> str:
+        state = "not loaded" if self._data is None else f"{len(self._data)} keys"
+        return f"<Session {state}>"
+
+    # -- the data ----------------------------------------------------------------------
+
+    @property
+    def _values(self) -> dict[str, Any]:
+        data = self._data
+        if data is None:
+            self._loaded_id, data, self._expires = self._load()
+            self._id, self._new, self._data = self._loaded_id, self._loaded_id is None, data
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._values[key]
+        if not isinstance(value, _IMMUTABLE) and key not in self._before:
+            self._before[key] = _encoder.encode(value)  # the app may mutate it in place
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"session keys must be str, not {type(key).__name__}")
+        encode(key, value)  # fail here, at the line that stored it
+        data = self._values
+        self._remember(key, data)
+        data[key] = value
+        self._warn_if_saved()
+
+    def __delitem__(self, key: str) -> None:
+        data = self._values
+        if key not in data:
+            raise KeyError(key)
+        self._remember(key, data)
+        del data[key]
+        self._warn_if_saved()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._values
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self._values else default
+
+    def clear(self) -> None:
+        for key in list(self._values):
+            del self[key]
+
+    # -- identity and lifecycle --------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """The session id (the cookie's, or a fresh one for a new session)."""
+        self._values
+        if self._id is None:
+            self._id = new_id()
+        return self._id
+
+    @property
+    def new(self) -> bool:
+        """True when the request brought no live session, or after :meth:`invalidate`."""
+        self._values
+        return self._new
+
+    @property
+    def modified(self) -> bool:
+        """True when saving will write: data changed, or the id did."""
+        if self._data is None:
+            return False
+        return (self._loaded_id is not None and self._id != self._loaded_id) or bool(self.changes())
+
+    @property
+    def accessed(self) -> bool:
+        """True once the request has used the session (so it was loaded)."""
+        return self._data is not None
+
+    def regenerate(self) -> None:
+        """Give the session a fresh id, keeping its data; the old id stops working. Call it at login."""
+        self._values
+        self._id = new_id()
+        self._warn_if_saved()
+
+    def invalidate(self) -> None:
+        """End the session: it is deleted from the store and its cookie expired. Call it at logout."""
+        self._values.clear()
+        self._before.clear()
+        self._id, self._new = None, True
+        self._warn_if_saved()
+
+    def changes(self) -> Changes:
+        """The keys set (as JSON text) and deleted since the session was loaded."""
+        data = self._values
+        changed: dict[str, str] = {}
+        deleted = []
+        for key, before in self._before.items():
+            if key in data:
+                now = encode(key, data[key])
+                if now != before:
+                    changed[key] = now
+            elif before is not None:
+                deleted.append(key)
+        return Changes(changed, tuple(deleted))
+
+    def _remember(self, key: str, data: dict[str, Any]) -> None:
+        if key not in self._before:
+            self._before[key] = _encoder.encode(data[key]) if key in data else None
+
+    def _warn_if_saved(self) -> None:
+        if self._saved:
+            log.warning("The session changed after the response started; this change is not saved")

@@ -1,0 +1,100 @@
+"""The contract every session store keeps, and the few helpers stores share.
+
+Stores see only opaque keys (one-way hashes of session ids) and JSON text: ids,
+cookies and Python values stay in the middleware.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, NamedTuple
+
+log = logging.getLogger("wsgisession")
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer: the caller may degrade."""
+
+
+class Record(NamedTuple):
+    """A session as loaded: its values and when it expires (Unix seconds)."""
+
+    data: dict[str, Any]
+    expires: float
+
+
+class Changes(NamedTuple):
+    """What one request changed: keys set (to JSON text) and keys deleted."""
+
+    set: Mapping[str, str]
+    deleted: tuple[str, ...] = ()
+
+
+class SessionStore(ABC):
+    """Where sessions live. Every method is safe to call from many threads.
+
+    ``load`` ignores expired and malformed records. ``create`` writes a new record;
+    ``update`` and ``touch`` only change a record that still exists (so a session
+    deleted meanwhile, by a logout or by expiry, is never brought back) and say
+    whether it did. Failures to reach the backend raise :class:`StoreError`.
+    """
+
+    @abstractmethod
+    def load(self, key: str) -> Record | None:
+        """Return the live session stored under ``key``, or None."""
+
+    @abstractmethod
+    def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
+        """Store a new session of JSON-encoded values that lives ``ttl`` seconds."""
+
+    @abstractmethod
+    def update(self, key: str, changes: Changes, ttl: float) -> bool:
+        """Apply ``changes`` atomically to the stored session and extend its life.
+
+        Keys that this request did not change keep what concurrent requests wrote.
+        Returns False, writing nothing, when the session no longer exists.
+        """
+
+    @abstractmethod
+    def touch(self, key: str, ttl: float) -> bool:
+        """Extend the session's life to ``ttl`` seconds from now; False if it is gone."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the session; removing a missing one is not an error."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raise :class:`StoreError` unless the backend answers."""
+
+    def cleanup(self) -> int:
+        """Delete expired sessions now and return how many; stores with native TTL have none."""
+        return 0
+
+    def close(self) -> None:
+        """Release connections and stop background threads."""
+
+
+def json_object(items: Mapping[str, str]) -> str:
+    """Join already-encoded values into the text of one JSON object."""
+    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in items.items()) + "}"
+
+
+def decode_record(raw: Any, expires: float, source: str) -> Record | None:
+    """Decode a stored JSON object (or take one a driver decoded), or log and return None."""
+    try:
+        data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        log.warning("Ignoring a malformed session record in %s", source)
+        return None
+    return Record(data, expires)
+
+
+def now() -> float:
+    """The clock all stores use for expiry (the application's, in Unix seconds)."""
+    return time.time()

@@ -1,0 +1,71 @@
+"""A store in this process's memory: for tests and single-process experiments."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Mapping
+
+from .base import Changes, Record, SessionStore, now
+
+
+class MemoryStore(SessionStore):
+    """Sessions in a dict guarded by a lock. Lost on restart, not shared by workers."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, tuple[dict[str, str], float]] = {}
+        self._lock = threading.Lock()
+
+    def load(self, key: str) -> Record | None:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None:
+                return None
+            data, expires = entry
+            return Record({k: json.loads(v) for k, v in data.items()}, expires)
+
+    def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
+        with self._lock:
+            self._sessions[key] = (dict(data), now() + ttl)
+
+    def update(self, key: str, changes: Changes, ttl: float) -> bool:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None:
+                return False
+            data = entry[0]
+            for k in changes.deleted:
+                data.pop(k, None)
+            data.update(changes.set)
+            self._sessions[key] = (data, now() + ttl)
+            return True
+
+    def touch(self, key: str, ttl: float) -> bool:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None:
+                return False
+            self._sessions[key] = (entry[0], now() + ttl)
+            return True
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._sessions.pop(key, None)
+
+    def ping(self) -> None:
+        pass
+
+    def cleanup(self) -> int:
+        with self._lock:
+            t = now()
+            expired = [k for k, (_, expires) in self._sessions.items() if expires <= t]
+            for k in expired:
+                del self._sessions[k]
+            return len(expired)
+
+    def _live(self, key: str) -> tuple[dict[str, str], float] | None:
+        entry = self._sessions.get(key)
+        if entry is not None and entry[1] <= now():
+            del self._sessions[key]
+            return None
+        return entry

@@ -1,0 +1,71 @@
+"""Sessions in PostgreSQL over psycopg2: plain SQL, a per-process pool, one statement per write."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import psycopg2
+
+from .base import Changes, json_object, now
+from .sql import SQLStore
+
+
+class PostgresStore(SQLStore):
+    """Sessions in a PostgreSQL table ``(id text, data jsonb, expires_at timestamptz)``."""
+
+    param = "%s"
+    data_type = "JSONB"
+    time_type = "TIMESTAMPTZ"
+    errors = (psycopg2.Error,)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table: str = "wsgisession",
+        cleanup_interval: float = 120,
+        pool_size: int = 8,
+        timeout: float = 3.0,
+        create_table: bool = True,
+    ) -> None:
+        self.dsn = dsn
+        super().__init__(table, cleanup_interval, pool_size, timeout)
+        self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
+        self._sql_merge = (
+            f"UPDATE {table} SET data = (data - %s::text[]) || %s::jsonb, expires_at = to_timestamp(%s) "
+            "WHERE id = %s AND expires_at > to_timestamp(%s)"
+        )
+        if create_table:
+            self.create_table()
+
+    @staticmethod
+    def timestamp(param: str) -> str:
+        return f"to_timestamp({param})"
+
+    @staticmethod
+    def epoch(column: str) -> str:
+        return f"extract(epoch from {column})::float8"
+
+    def create_table(self) -> None:
+        # Concurrent CREATE TABLE IF NOT EXISTS can collide; a transaction lock serialises them.
+        with self._cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
+            for statement in self.schema():
+                cur.execute(statement)
+            cur.execute("COMMIT")
+
+    def _connect(self) -> Any:
+        conn = psycopg2.connect(self.dsn, connect_timeout=max(1, round(self._timeout)), application_name="wsgisession")
+        conn.autocommit = True
+        return conn
+
+    def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+        cur.execute(self._sql_merge, (list(changes.deleted), json_object(changes.set), expires, key, now()))
+        return bool(cur.rowcount)
+
+    def _claim_cleanup(self, cur: Any) -> bool:
+        # A transaction-level lock: held only for one batch, and valid behind PgBouncer.
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (self._lock_id,))
+        return bool(cur.fetchone()[0])

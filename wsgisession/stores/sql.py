@@ -1,0 +1,254 @@
+"""What the SQL stores share: the table, the statements, a connection pool and the cleanup thread.
+
+SQLite and PostgreSQL differ only in the pieces a subclass names: the parameter
+marker, how a Unix time is written and read, the merge of per-key changes, and
+how one cleaner is chosen among several processes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import weakref
+from abc import abstractmethod
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
+
+from .base import Changes, Record, SessionStore, StoreError, decode_record, json_object, log, now
+
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
+CLEANUP_BATCH = 1000
+
+# Connections inherited through a fork are kept, never closed, so that the child
+# does not end the parent's connection (a PostgreSQL close sends Terminate).
+_inherited: list[Any] = []
+
+
+class Pool:
+    """A bounded, thread-safe pool of DB-API connections for one process."""
+
+    def __init__(self, connect: Callable[[], Any], size: int, timeout: float) -> None:
+        self._connect = connect
+        self._idle: list[Any] = []
+        self._slots = threading.BoundedSemaphore(size)
+        self._timeout = timeout
+        self._closed = False
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """Lend a connection; one that saw an error is closed, never lent again."""
+        if not self._slots.acquire(timeout=self._timeout):
+            raise StoreError(f"no free database connection within {self._timeout} s")
+        try:
+            conn = self._idle.pop() if self._idle else self._connect()
+            try:
+                yield conn
+            except BaseException:
+                _close_quietly(conn)
+                raise
+            if self._closed:
+                _close_quietly(conn)
+            else:
+                self._idle.append(conn)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            _close_quietly(self._idle.pop())
+
+    def forget(self) -> None:
+        """Drop every connection without closing it (they belong to the parent process)."""
+        _inherited.extend(self._idle)
+        self._idle.clear()
+
+
+class SQLStore(SessionStore):
+    """Sessions as rows ``(id, data, expires_at)`` of one table, with a cleanup thread."""
+
+    param = "?"
+    data_type = "TEXT"
+    time_type = "REAL"
+    table_options = ""
+    #: the driver's errors, reported as :class:`StoreError`.
+    errors: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, table: str, cleanup_interval: float, pool_size: int, timeout: float) -> None:
+        if not TABLE_NAME.fullmatch(table):
+            raise ValueError(f"invalid table name {table!r}: use letters, digits and _, optionally schema.table")
+        self.table = table
+        self.cleanup_interval = cleanup_interval
+        self._pool_size = pool_size
+        self._timeout = timeout
+        self._pool: Pool | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._cleaner: threading.Thread | None = None
+        ts, p, t = self.timestamp(self.param), self.param, table
+        self._sql_load = f"SELECT data, {self.epoch('expires_at')} FROM {t} WHERE id = {p} AND expires_at > {ts}"
+        self._sql_create = f"INSERT INTO {t} (id, data, expires_at) VALUES ({p}, {p}, {ts})"
+        self._sql_touch = f"UPDATE {t} SET expires_at = {ts} WHERE id = {p} AND expires_at > {ts}"
+        self._sql_delete = f"DELETE FROM {t} WHERE id = {p}"
+        self._sql_cleanup = (
+            f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE expires_at <= {ts} LIMIT {CLEANUP_BATCH})"
+        )
+        self._forget_after_fork()
+
+    # -- dialect ---------------------------------------------------------------------
+
+    @staticmethod
+    @abstractmethod
+    def timestamp(param: str) -> str:
+        """SQL that turns a Unix-time parameter into the expiry column's type."""
+
+    @staticmethod
+    @abstractmethod
+    def epoch(column: str) -> str:
+        """SQL that reads the expiry column back as Unix seconds."""
+
+    def schema(self) -> list[str]:
+        """The statements that create the table and its index if they are missing."""
+        index = self.table.rsplit(".", 1)[-1] + "_expires_at"
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.table} (id TEXT PRIMARY KEY, data {self.data_type} NOT NULL, "
+            f"expires_at {self.time_type} NOT NULL){self.table_options}",
+            f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (expires_at)",
+        ]
+
+    @abstractmethod
+    def _connect(self) -> Any:
+        """Open one connection, in autocommit mode."""
+
+    @abstractmethod
+    def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+        """Apply ``changes`` to a live row in one atomic step; False when there is none."""
+
+    def _claim_cleanup(self, cur: Any) -> bool:
+        """Whether this process may delete the next batch (one cleaner at a time)."""
+        return True
+
+    # -- the store contract ------------------------------------------------------------
+
+    def load(self, key: str) -> Record | None:
+        with self._cursor() as cur:
+            cur.execute(self._sql_load, (key, now()))
+            row = cur.fetchone()
+        return None if row is None else decode_record(row[0], float(row[1]), f"table {self.table}")
+
+    def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
+        with self._cursor() as cur:
+            cur.execute(self._sql_create, (key, json_object(data), now() + ttl))
+
+    def update(self, key: str, changes: Changes, ttl: float) -> bool:
+        with self._cursor() as cur:
+            return self._merge(cur, key, changes, now() + ttl)
+
+    def touch(self, key: str, ttl: float) -> bool:
+        t = now()
+        with self._cursor() as cur:
+            cur.execute(self._sql_touch, (t + ttl, key, t))
+            return bool(cur.rowcount)
+
+    def delete(self, key: str) -> None:
+        with self._cursor() as cur:
+            cur.execute(self._sql_delete, (key,))
+
+    def ping(self) -> None:
+        with self._cursor() as cur:
+            cur.execute("SELECT 1")
+            cur.fetchone()
+
+    def cleanup(self) -> int:
+        """Delete expired rows in batches of 1000, each in its own short transaction."""
+        removed = 0
+        while True:
+            with self._cursor() as cur:
+                cur.execute("BEGIN")
+                if not self._claim_cleanup(cur):
+                    cur.execute("ROLLBACK")
+                    break
+                cur.execute(self._sql_cleanup, (now(),))
+                count = max(cur.rowcount, 0)
+                cur.execute("COMMIT")
+            removed += count
+            if count < CLEANUP_BATCH or self._stop.is_set():
+                break
+        if removed:
+            log.info("Cleaned up %d expired sessions", removed)
+        return removed
+
+    def create_table(self) -> None:
+        """Create the table and its index if missing (safe when several processes start at once)."""
+        with self._cursor() as cur:
+            for statement in self.schema():
+                cur.execute(statement)
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._lock:
+            cleaner, pool = self._cleaner, self._pool
+            self._pool = None
+        if cleaner is not None and cleaner is not threading.current_thread():
+            cleaner.join(timeout=5)
+        if pool is not None:
+            pool.close()
+
+    # -- connections and the cleanup thread --------------------------------------------
+
+    @contextmanager
+    def _cursor(self) -> Iterator[Any]:
+        pool = self._pool or self._start()
+        try:
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                try:
+                    yield cur
+                finally:
+                    cur.close()
+        except self.errors as exc:
+            raise StoreError(f"{type(self).__name__}: {exc}".strip()) from exc
+
+    def _start(self) -> Pool:
+        """Make this process's pool and start its cleanup thread: on first use, so after a fork."""
+        with self._lock:
+            if self._stop.is_set():
+                raise StoreError(f"{type(self).__name__} is closed")
+            if self._pool is None:
+                self._pool = Pool(self._connect, self._pool_size, self._timeout)
+                if self.cleanup_interval > 0:
+                    self._cleaner = threading.Thread(
+                        target=self._clean_periodically, name="wsgisession-cleanup", daemon=True
+                    )
+                    self._cleaner.start()
+            return self._pool
+
+    def _clean_periodically(self) -> None:
+        while not self._stop.wait(self.cleanup_interval * random.uniform(0.8, 1.2)):
+            try:
+                self.cleanup()
+            except StoreError as exc:
+                log.warning("Session cleanup failed: %s", exc)
+
+    def _forget_after_fork(self) -> None:
+        ref = weakref.ref(self)
+
+        def reset() -> None:
+            store = ref()
+            if store is not None:
+                store._lock = threading.Lock()
+                if store._pool is not None:
+                    store._pool.forget()
+                store._pool, store._cleaner = None, None
+
+        os.register_at_fork(after_in_child=reset)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - the connection is being thrown away
+        pass
+

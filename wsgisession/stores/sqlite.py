@@ -1,0 +1,68 @@
+"""The embedded default: sessions in a SQLite file, shared by the processes of one host."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from .base import Changes, decode_record, now
+from .sql import SQLStore
+
+
+class SQLiteStore(SQLStore):
+    """Sessions in a SQLite database in WAL mode; one host only (no network sharing)."""
+
+    data_type = "TEXT"
+    time_type = "REAL"
+    table_options = " WITHOUT ROWID"
+    errors = (sqlite3.Error,)
+
+    def __init__(
+        self,
+        path: str = "wsgisession.sqlite3",
+        *,
+        table: str = "wsgisession",
+        cleanup_interval: float = 120,
+        timeout: float = 5.0,
+        pool_size: int = 32,
+    ) -> None:
+        self.path = path
+        super().__init__(table, cleanup_interval, pool_size, timeout)
+        self.create_table()
+
+    @staticmethod
+    def timestamp(param: str) -> str:
+        return param
+
+    @staticmethod
+    def epoch(column: str) -> str:
+        return column
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+        # SQLite has one writer at a time: BEGIN IMMEDIATE makes this read-merge-write atomic
+        # for the few microseconds it takes, with no lock held across the request.
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute(f"SELECT data FROM {self.table} WHERE id = ? AND expires_at > ?", (key, now()))
+            row = cur.fetchone()
+            record = None if row is None else decode_record(row[0], expires, f"table {self.table}")
+            if record is None:
+                return False
+            data = record.data
+            for k in changes.deleted:
+                data.pop(k, None)
+            data.update((k, json.loads(v)) for k, v in changes.set.items())
+            cur.execute(
+                f"UPDATE {self.table} SET data = ?, expires_at = ? WHERE id = ?",
+                (json.dumps(data, ensure_ascii=False, separators=(",", ":")), expires, key),
+            )
+            return True
+        finally:
+            cur.execute("COMMIT")
