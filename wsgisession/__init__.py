@@ -17,6 +17,6 @@ __all__ = [
     "SessionValueError",
     "Settings",
     "StoreError",
-    "create_session_store",
     "__version__",
+    "create_session_store",
 ]

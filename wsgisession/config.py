@@ -10,7 +10,8 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .stores.base import SessionStore, StoreError

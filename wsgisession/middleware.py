@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from werkzeug.http import dump_cookie
 
@@ -97,7 +98,7 @@ class SessionMiddleware:
 
     def save(self, session: Session, environ: WSGIEnvironment, resign: bool) -> Headers:
         """Write what the request changed and return the headers that go with it."""
-        loaded_id, data = session._loaded_id, session._values
+        loaded_id, data = session._loaded_id, session._loaded()
         store, ttl = self.store, self.settings.max_age
         if loaded_id is None or session._id != loaded_id:  # a new record is needed
             if loaded_id is not None:
@@ -145,7 +146,7 @@ class SessionMiddleware:
 class _Request:
     """One request's session state: the lazy load, and the save when the response starts."""
 
-    __slots__ = ("middleware", "environ", "session", "failed", "resign", "_start_response")
+    __slots__ = ("_start_response", "environ", "failed", "middleware", "resign", "session")
 
     def __init__(self, middleware: SessionMiddleware, environ: WSGIEnvironment, start_response: StartResponse):
         self.middleware = middleware

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any
 
 from .signing import new_id
 from .stores.base import Changes
@@ -32,7 +33,7 @@ class Session(MutableMapping[str, Any]):
     when loaded, so that the middleware writes only the keys this request changed.
     """
 
-    __slots__ = ("_load", "_data", "_before", "_id", "_loaded_id", "_expires", "_new", "_saved")
+    __slots__ = ("_before", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_saved")
 
     def __init__(self, load: Callable[[], tuple[str | None, dict[str, Any], float | None]]) -> None:
         """``load`` returns the stored session's id (None if there is none), data and expiry."""
@@ -52,8 +53,8 @@ class Session(MutableMapping[str, Any]):
 
     # -- the data ----------------------------------------------------------------------
 
-    @property
-    def _values(self) -> dict[str, Any]:
+    def _loaded(self) -> dict[str, Any]:
+        """The data, loaded on first use."""
         data = self._data
         if data is None:
             self._loaded_id, data, self._expires = self._load()
@@ -61,7 +62,7 @@ class Session(MutableMapping[str, Any]):
         return data
 
     def __getitem__(self, key: str) -> Any:
-        value = self._values[key]
+        value = self._loaded()[key]
         if not isinstance(value, _IMMUTABLE) and key not in self._before:
             self._before[key] = _encoder.encode(value)  # the app may mutate it in place
         return value
@@ -70,13 +71,13 @@ class Session(MutableMapping[str, Any]):
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
         encode(key, value)  # fail here, at the line that stored it
-        data = self._values
+        data = self._loaded()
         self._remember(key, data)
         data[key] = value
         self._warn_if_saved()
 
     def __delitem__(self, key: str) -> None:
-        data = self._values
+        data = self._loaded()
         if key not in data:
             raise KeyError(key)
         self._remember(key, data)
@@ -84,19 +85,19 @@ class Session(MutableMapping[str, Any]):
         self._warn_if_saved()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._values
+        return key in self._loaded()
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
+        return iter(self._loaded())
 
     def __len__(self) -> int:
-        return len(self._values)
+        return len(self._loaded())
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self._values else default
+        return self[key] if key in self._loaded() else default
 
     def clear(self) -> None:
-        for key in list(self._values):
+        for key in list(self._loaded()):
             del self[key]
 
     # -- identity and lifecycle --------------------------------------------------------
@@ -104,7 +105,7 @@ class Session(MutableMapping[str, Any]):
     @property
     def id(self) -> str:
         """The session id (the cookie's, or a fresh one for a new session)."""
-        self._values
+        self._loaded()
         if self._id is None:
             self._id = new_id()
         return self._id
@@ -112,7 +113,7 @@ class Session(MutableMapping[str, Any]):
     @property
     def new(self) -> bool:
         """True when the request brought no live session, or after :meth:`invalidate`."""
-        self._values
+        self._loaded()
         return self._new
 
     @property
@@ -129,20 +130,20 @@ class Session(MutableMapping[str, Any]):
 
     def regenerate(self) -> None:
         """Give the session a fresh id, keeping its data; the old id stops working. Call it at login."""
-        self._values
+        self._loaded()
         self._id = new_id()
         self._warn_if_saved()
 
     def invalidate(self) -> None:
         """End the session: it is deleted from the store and its cookie expired. Call it at logout."""
-        self._values.clear()
+        self._loaded().clear()
         self._before.clear()
         self._id, self._new = None, True
         self._warn_if_saved()
 
     def changes(self) -> Changes:
         """The keys set (as JSON text) and deleted since the session was loaded."""
-        data = self._values
+        data = self._loaded()
         changed: dict[str, str] = {}
         deleted = []
         for key, before in self._before.items():

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 ID_BYTES = 32  # 256 bits of entropy
 ID_LENGTH = 43  # len(secrets.token_urlsafe(32))

@@ -10,7 +10,8 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 log = logging.getLogger("wsgisession")
 
@@ -74,7 +75,7 @@ class SessionStore(ABC):
         """Delete expired sessions now and return how many; stores with native TTL have none."""
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most stores have nothing to release
         """Release connections and stop background threads."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 from .base import Changes, Record, SessionStore, now
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -69,7 +70,7 @@ class RedisStore(SessionStore):
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         pipe = self.client.pipeline(transaction=True)
-        pipe.hset(self.prefix + key, mapping=dict(data))
+        pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
         pipe.pexpire(self.prefix + key, _ms(ttl))
         self._run(pipe.execute)
 

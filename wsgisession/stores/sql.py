@@ -7,14 +7,15 @@ how one cleaner is chosen among several processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import threading
 import weakref
 from abc import abstractmethod
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from .base import Changes, Record, SessionStore, StoreError, decode_record, json_object, log, now
 
@@ -36,7 +37,7 @@ class Pool:
         self._timeout = timeout
         self._closed = False
 
-    @contextmanager
+    @contextlib.contextmanager
     def connection(self) -> Iterator[Any]:
         """Lend a connection; one that saw an error is closed, never lent again."""
         if not self._slots.acquire(timeout=self._timeout):
@@ -198,7 +199,7 @@ class SQLStore(SessionStore):
 
     # -- connections and the cleanup thread --------------------------------------------
 
-    @contextmanager
+    @contextlib.contextmanager
     def _cursor(self) -> Iterator[Any]:
         pool = self._pool or self._start()
         try:
@@ -247,8 +248,5 @@ class SQLStore(SessionStore):
 
 
 def _close_quietly(conn: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # the connection is being thrown away
         conn.close()
-    except Exception:  # noqa: BLE001 - the connection is being thrown away
-        pass
-
