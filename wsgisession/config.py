@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .stores.base import SessionStore, StoreError
+from .stores.sql import TABLE_NAME
 
 log = logging.getLogger("wsgisession")
 
@@ -95,6 +96,8 @@ class Settings:
             raise ConfigError("SESSION_COOKIE_PATH must start with /")
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
+        if not TABLE_NAME.fullmatch(self.table):
+            raise ConfigError(f"SESSION_TABLE {self.table!r} is not a table name: use letters, digits and _")
         if self.store_timeout <= 0 or self.cleanup_interval < 0:
             raise ConfigError("SESSION_STORE_TIMEOUT must be positive and SESSION_CLEANUP_INTERVAL not negative")
 
@@ -186,7 +189,7 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
         else:
             log.info("Using Redis for session storage")
             return store
-    else:
+    elif settings.database_url:
         log.info("No REDIS_URL provided, using PostgreSQL for sessions")
 
     if settings.database_url:
@@ -241,9 +244,11 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
         ) from None
     try:
         psycopg2.extensions.parse_dsn(settings.database_url)
-    except psycopg2.ProgrammingError as exc:
-        msg = str(exc).strip()
-        raise ConfigError(f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL: {msg}") from None
+    except psycopg2.ProgrammingError:  # its message quotes the URL, password and all
+        raise ConfigError(
+            f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL "
+            "(expected postgresql://user:password@host:port/database)"
+        ) from None
     return PostgresStore(
         settings.database_url,
         table=settings.table,

@@ -175,6 +175,7 @@ class _Request:
         session = self.session
         if session.accessed and not session._saved:
             session._saved = True
+            headers = list(headers)  # the application's list may be shared between requests
             _add_vary_cookie(headers)
             if not self.failed:
                 try:
