@@ -119,8 +119,9 @@ class SessionMiddleware:
             extended = store.touch(key, ttl)
         else:
             return []
-        # A session deleted meanwhile (a concurrent logout) stays deleted.
-        return [self.cookie(environ, loaded_id) if extended else self.expired_cookie(environ)]
+        # A session deleted meanwhile (a logout, or a login's regenerate() in another request)
+        # stays deleted; no cookie either, so this response cannot undo the other's cookie.
+        return [self.cookie(environ, loaded_id)] if extended else []
 
     def cookie(self, environ: WSGIEnvironment, session_id: str) -> tuple[str, str]:
         """The Set-Cookie header that hands ``session_id`` to the browser."""
