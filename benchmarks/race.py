@@ -2,8 +2,8 @@
 
 Run it from the repository root, with Redis and PostgreSQL on loopback::
 
-    /work/venv/bin/pip install beaker flask-session flask-sqlalchemy   # the peers (the `bench` extra)
-    /work/venv/bin/python benchmarks/race.py [--pairs 200] [--clients 8]
+    .venv/bin/pip install -e '.[bench]'     # the peers: Beaker, Flask-Session, Flask-SQLAlchemy
+    .venv/bin/python benchmarks/race.py [--pairs 200] [--clients 8]
 
 REDIS_URL and DATABASE_URL (default: redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/test)
 must point at 127.0.0.1 or localhost. Every run uses its own tables and key prefixes and removes them
