@@ -168,9 +168,9 @@ def test_simultaneous_writers_of_one_session_lose_no_update(store: SessionStore)
 class WholeSessionWrites(SessionMiddleware):
     """A middleware that writes back the whole session it loaded, as most session libraries do."""
 
-    def save(self, session: Session, environ: WSGIEnvironment, resign: bool) -> list[tuple[str, str]]:
+    def save(self, session: Session, environ: WSGIEnvironment, *args: bool) -> list[tuple[str, str]]:
         if session.new or not session.modified:
-            return super().save(session, environ, resign)
+            return super().save(session, environ, *args)
         values = {k: encode(k, v) for k, v in session.items()}
         self.store.create(store_key(session.id), values, self.settings.max_age)
         return [self.cookie(environ, session.id)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from .stores.sql import TABLE_NAME
 log = logging.getLogger("wsgisession")
 
 MIN_SECRET_LENGTH = 32
+COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 6265 token
 _KNOWN_WEAK = {"secret", "changeme", "change-me", "your-secret-key", "keyboard cat", "development", "password"}
 _GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -67,6 +69,8 @@ class Settings:
         if secret is not None:
             values["secrets"] = (secret,) if isinstance(secret, str) else tuple(secret)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if "cookie_samesite" in values:
+            values["cookie_samesite"] = _samesite(values["cookie_samesite"])
         if "secrets" not in values:
             raise ConfigError(f"SESSION_SECRET is not set. Set it to a long random string, for example: {_GENERATE}")
         settings = cls(**values)
@@ -75,6 +79,8 @@ class Settings:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for any value that cannot work."""
+        if not self.secrets:
+            raise ConfigError(f"SESSION_SECRET is empty. Set it to a long random string, for example: {_GENERATE}")
         for position, secret in enumerate(self.secrets, 1):
             where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(self.secrets) > 1 else "")
             if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
@@ -90,7 +96,7 @@ class Settings:
             raise ConfigError("SESSION_COOKIE_SAMESITE must be Lax, Strict or None")
         if self.cookie_samesite == "None" and self.cookie_secure is not True:
             raise ConfigError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE=true (browsers require it)")
-        if not self.cookie_name or any(c in self.cookie_name for c in ' =;,"\t\r\n'):
+        if not COOKIE_NAME.fullmatch(self.cookie_name):
             raise ConfigError(f"SESSION_COOKIE_NAME {self.cookie_name!r} is not a valid cookie name")
         if not self.cookie_path.startswith("/"):
             raise ConfigError("SESSION_COOKIE_PATH must start with /")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from werkzeug.http import dump_cookie
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsgisession")
 
 MAX_COOKIE_HEADER = 8192  # a longer Cookie header is ignored, not parsed
+_UNAVAILABLE = b"Session store unavailable\n"
+_UNAVAILABLE_HEADERS = (("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_UNAVAILABLE))))
 Headers = list[tuple[str, str]]
 
 
@@ -67,13 +70,8 @@ class SessionMiddleware:
         request = _Request(self, environ, start_response)
         environ["session"] = request.session
         body = self.app(environ, request.start_response)
-        if request.failed and self.settings.fail_on_store_error:
-            if hasattr(body, "close"):
-                body.close()
-            message = b"Session store unavailable\n"
-            headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(message)))]
-            start_response("503 Service Unavailable", headers)
-            return [message]
+        if self.settings.fail_on_store_error:
+            return request.replace_on_failure(body)
         return body
 
     def close(self) -> None:
@@ -82,21 +80,28 @@ class SessionMiddleware:
 
     # -- loading and saving ------------------------------------------------------------
 
-    def session_id_from(self, environ: WSGIEnvironment) -> tuple[str, bool] | None:
-        """The id of the first genuine session cookie of the request, and whether the current key signed it."""
+    def cookie_values(self, environ: WSGIEnvironment) -> list[str]:
+        """The values of the request's session cookies (a sibling domain may have added more than one)."""
         header = environ.get("HTTP_COOKIE")
         name = self.settings.cookie_name
         if not header or name not in header or len(header) > MAX_COOKIE_HEADER:
-            return None
+            return []
+        values = []
         for part in header.split(";"):
             key, _, value = part.partition("=")
             if key.strip() == name:
-                found = self.signer.unsign(value.strip().strip('"'))
-                if found is not None:
-                    return found
+                values.append(value.strip().strip('"'))
+        return values
+
+    def session_id_from(self, values: list[str]) -> tuple[str, bool] | None:
+        """The id of the first genuine cookie value, and whether the current key signed it."""
+        for value in values:
+            found = self.signer.unsign(value)
+            if found is not None:
+                return found
         return None
 
-    def save(self, session: Session, environ: WSGIEnvironment, resign: bool) -> Headers:
+    def save(self, session: Session, environ: WSGIEnvironment, resign: bool, had_cookie: bool) -> Headers:
         """Write what the request changed and return the headers that go with it."""
         loaded_id, data = session._loaded_id, session._loaded()
         store, ttl = self.store, self.settings.max_age
@@ -107,7 +112,7 @@ class SessionMiddleware:
                 session_id = session.id
                 store.create(store_key(session_id), {k: encode(k, v) for k, v in data.items()}, ttl)
                 return [self.cookie(environ, session_id)]
-            return [self.expired_cookie(environ)] if self.settings.cookie_name in environ.get("HTTP_COOKIE", "") else []
+            return [self.expired_cookie(environ)] if had_cookie else []
         key = store_key(loaded_id)
         if not data:
             store.delete(key)
@@ -127,7 +132,7 @@ class SessionMiddleware:
         """The Set-Cookie header that hands ``session_id`` to the browser."""
         s = self.settings
         return ("Set-Cookie", dump_cookie(
-            s.cookie_name, self.signer.sign(session_id), max_age=int(s.max_age), path=s.cookie_path,
+            s.cookie_name, self.signer.sign(session_id), max_age=math.ceil(s.max_age), path=s.cookie_path,
             domain=s.cookie_domain, secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
         ))  # fmt: skip
 
@@ -147,7 +152,7 @@ class SessionMiddleware:
 class _Request:
     """One request's session state: the lazy load, and the save when the response starts."""
 
-    __slots__ = ("_start_response", "environ", "failed", "middleware", "resign", "session")
+    __slots__ = ("_start_response", "environ", "failed", "had_cookie", "middleware", "replaced", "resign", "session")
 
     def __init__(self, middleware: SessionMiddleware, environ: WSGIEnvironment, start_response: StartResponse):
         self.middleware = middleware
@@ -155,10 +160,14 @@ class _Request:
         self.session = Session(self.load)
         self.failed = False  # the store failed: the session is neither saved nor its cookie changed
         self.resign = False  # the cookie was signed with an older key
+        self.had_cookie = False  # the request carried a session cookie, genuine or not
+        self.replaced = False  # a 503 went out instead of the application's response
         self._start_response = start_response
 
     def load(self) -> tuple[str | None, dict[str, Any], float | None]:
-        found = self.middleware.session_id_from(self.environ)
+        values = self.middleware.cookie_values(self.environ)
+        self.had_cookie = bool(values)
+        found = self.middleware.session_id_from(values)
         if found is None:
             return None, {}, None
         session_id, current = found
@@ -174,18 +183,38 @@ class _Request:
 
     def start_response(self, status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
         session = self.session
-        if session.accessed and not session._saved:
-            session._saved = True
-            headers = list(headers)  # the application's list may be shared between requests
-            _add_vary_cookie(headers)
-            if not self.failed:
-                try:
-                    headers.extend(self.middleware.save(session, self.environ, self.resign))
-                except StoreError as exc:
-                    self.fail("saving", exc)
+        if not session._saved:
+            session._saved = True  # from here on, changes are not saved (and say so)
+            if session.accessed:
+                headers = list(headers)  # the application's list may be shared between requests
+                _add_vary_cookie(headers)
+                if not self.failed:
+                    try:
+                        headers.extend(self.middleware.save(session, self.environ, self.resign, self.had_cookie))
+                    except StoreError as exc:
+                        self.fail("saving", exc)
         if self.failed and self.middleware.settings.fail_on_store_error:
-            return _discard  # the middleware answers 503 instead
+            self.replaced = True
+            self._start_response("503 Service Unavailable", list(_UNAVAILABLE_HEADERS), exc_info)
+            return _discard
         return self._start_response(status, headers, exc_info)
+
+    def replace_on_failure(self, body: Iterable[bytes]) -> Iterator[bytes]:
+        """Pass the body through, unless a 503 replaced the response (also when the
+        application calls start_response lazily, from inside its body)."""
+        chunks = iter(body)
+        try:
+            while not self.replaced:
+                try:
+                    chunk = next(chunks)
+                except StopIteration:
+                    return
+                if not self.replaced:
+                    yield chunk
+            yield _UNAVAILABLE
+        finally:
+            if hasattr(body, "close"):
+                body.close()
 
     def fail(self, action: str, exc: StoreError) -> None:
         self.failed = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
@@ -14,6 +15,7 @@ log = logging.getLogger("wsgisession")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _IMMUTABLE = (str, int, float, bool, type(None))
+_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
 
 
 class SessionValueError(TypeError):
@@ -23,9 +25,17 @@ class SessionValueError(TypeError):
 def encode(key: str, value: Any) -> str:
     """The JSON text of one session value, or :class:`SessionValueError` naming ``key``."""
     try:
-        return _encoder.encode(value)
+        return _storable(_encoder.encode(value))
     except (TypeError, ValueError) as exc:
         raise SessionValueError(f"session[{key!r}] cannot be stored as JSON: {exc}") from None
+
+
+def _storable(text: str) -> str:
+    """``text``, if every store can hold it: no NUL (PostgreSQL refuses it), valid UTF-8."""
+    if "\\u0000" in text and _NUL.search(text):
+        raise ValueError("it contains a NUL character")
+    text.encode()  # a lone surrogate raises UnicodeEncodeError, a ValueError
+    return text
 
 
 class Session(MutableMapping[str, Any]):
@@ -70,6 +80,10 @@ class Session(MutableMapping[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if not isinstance(key, str):
             raise TypeError(f"session keys must be str, not {type(key).__name__}")
+        try:
+            _storable(_encoder.encode(key))
+        except ValueError as exc:
+            raise SessionValueError(f"session key {key!r} cannot be stored: {exc}") from None
         encode(key, value)  # fail here, at the line that stored it
         data = self._loaded()
         self._remember(key, data)
@@ -121,7 +135,10 @@ class Session(MutableMapping[str, Any]):
         """True when saving will write: data changed, or the id did."""
         if self._data is None:
             return False
-        return (self._loaded_id is not None and self._id != self._loaded_id) or bool(self.changes())
+        if self._loaded_id is not None and self._id != self._loaded_id:
+            return True
+        changes = self.changes()
+        return bool(changes.set or changes.deleted)
 
     @property
     def accessed(self) -> bool:

@@ -6,7 +6,7 @@ import json
 import threading
 from collections.abc import Mapping
 
-from .base import Changes, Record, SessionStore, now
+from .base import Changes, Record, SessionStore, log, now
 
 
 class MemoryStore(SessionStore):
@@ -22,7 +22,11 @@ class MemoryStore(SessionStore):
             if entry is None:
                 return None
             data, expires = entry
+        try:
             return Record({k: json.loads(v) for k, v in data.items()}, expires)
+        except ValueError:
+            log.warning("Ignoring a malformed session record in memory")
+            return None
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._lock:
