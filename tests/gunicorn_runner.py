@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from gunicorn.config import KNOWN_SETTINGS
 from servers import SECRET, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,8 @@ def gunicorn(
                "--threads", str(threads), "--graceful-timeout", "5", "--log-level", "info", *args]  # fmt: skip
     if preload:
         command.append("--preload")
+    if any(setting.name == "control_socket_disable" for setting in KNOWN_SETTINGS):
+        command.append("--no-control-socket")  # gunicorn 27+: parallel servers would share one per user
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"gunicorn-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)

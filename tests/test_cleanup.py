@@ -160,7 +160,9 @@ def test_cleanup_thread_starts_on_first_use_cleans_and_stops_on_close(
         assert set(cleanup_threads()) == before, "the thread started before the store was used"
         store.load(new_key())  # first use
     else:
-        store = make_store("sqlite", cleanup_interval=0.2)  # its constructor creates the table: first use
+        store = make_store("sqlite", cleanup_interval=0.2)  # creating the table is not a use
+        assert set(cleanup_threads()) == before, "the thread started before the store was used"
+        store.load(new_key())  # first use
     assert isinstance(store, SQLStore)
     started = set(cleanup_threads()) - before
     assert len(started) == 1, "first use should start exactly one cleanup thread"
@@ -200,6 +202,7 @@ def test_cleanup_thread_survives_a_failing_cleanup(
     before = set(cleanup_threads())
     store = make_store("postgres", cleanup_interval=0.2)
     assert isinstance(store, PostgresStore)
+    store.load(new_key())  # first use starts the thread
     (thread,) = set(cleanup_threads()) - before
     sql(store, f"DROP TABLE {store.table}")
     assert wait_for(lambda: any(r.getMessage().startswith("Session cleanup failed") for r in caplog.records)), (

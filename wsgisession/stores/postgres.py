@@ -47,14 +47,9 @@ class PostgresStore(SQLStore):
     def epoch(column: str) -> str:
         return f"extract(epoch from {column})::float8"
 
-    def create_table(self) -> None:
+    def _create_statements(self) -> list[str]:
         # Concurrent CREATE TABLE IF NOT EXISTS can collide; a transaction lock serialises them.
-        with self._cursor() as cur:
-            cur.execute("BEGIN")
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
-            for statement in self.schema():
-                cur.execute(statement)
-            cur.execute("COMMIT")
+        return ["BEGIN", f"SELECT pg_advisory_xact_lock({self._lock_id})", *self.schema(), "COMMIT"]
 
     def _connect(self) -> Any:
         conn = psycopg2.connect(self.dsn, connect_timeout=max(1, round(self._timeout)), application_name="wsgisession")

@@ -182,10 +182,18 @@ class SQLStore(SessionStore):
         return removed
 
     def create_table(self) -> None:
-        """Create the table and its index if missing (safe when several processes start at once)."""
-        with self._cursor() as cur:
-            for statement in self.schema():
+        """Create the table and its index if missing (safe when several processes start at once).
+
+        It uses a connection of its own, not the pool: a process that only builds the store
+        (a gunicorn master with ``--preload``) keeps no connection and starts no thread.
+        """
+        with self._cursor(pooled=False) as cur:
+            for statement in self._create_statements():
                 cur.execute(statement)
+
+    def _create_statements(self) -> list[str]:
+        """What :meth:`create_table` runs: the schema, and whatever makes it safe to run at once."""
+        return self.schema()
 
     def close(self) -> None:
         self._stop.set()
@@ -200,10 +208,10 @@ class SQLStore(SessionStore):
     # -- connections and the cleanup thread --------------------------------------------
 
     @contextlib.contextmanager
-    def _cursor(self) -> Iterator[Any]:
-        pool = self._pool or self._start()
+    def _cursor(self, pooled: bool = True) -> Iterator[Any]:
         try:
-            with pool.connection() as conn:
+            connection = (self._pool or self._start()).connection() if pooled else contextlib.closing(self._connect())
+            with connection as conn:
                 cur = conn.cursor()
                 try:
                     yield cur

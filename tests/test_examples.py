@@ -1,0 +1,264 @@
+"""The three example apps (raw WSGI, Bottle, Pyramid) behave the same, driven through WebTest.
+
+Each app is imported fresh per test, with its settings in the environment and its
+store the default one: the embedded SQLite file, here in tmp_path.
+"""
+
+from __future__ import annotations
+
+import http.client
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import webtest
+from servers import SECRET, free_port
+
+from wsgisession import SessionMiddleware, SQLiteStore
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+APPS = ["raw_wsgi", "bottle_app", "pyramid_app"]
+MAX_AGE = 86400
+
+
+def load_example(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import examples/NAME.py as a new module, so that it builds its app from the current environment."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # Pyramid looks its caller up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_session_setting(variable: str) -> bool:
+    return variable.startswith("SESSION_") or variable in ("REDIS_URL", "DATABASE_URL")
+
+
+def example_env(tmp_path: Path) -> dict[str, str]:
+    """The process environment without session settings, plus the test secret and a private SQLite file."""
+    env = {k: v for k, v in os.environ.items() if not is_session_setting(k)}
+    env.update(
+        SESSION_SECRET=SECRET,
+        SESSION_SQLITE_PATH=str(tmp_path / "sessions.sqlite3"),
+        SESSION_CLEANUP_INTERVAL="0",
+    )
+    return env
+
+
+@pytest.fixture(params=APPS)
+def app(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[SessionMiddleware]:
+    # Whatever the CI environment says, the examples get the default store.
+    for variable in filter(is_session_setting, list(os.environ)):
+        monkeypatch.delenv(variable)
+    for variable, value in example_env(tmp_path).items():
+        if is_session_setting(variable):
+            monkeypatch.setenv(variable, value)
+    middleware = load_example(request.param, monkeypatch).app
+    assert isinstance(middleware, SessionMiddleware)
+    yield middleware
+    middleware.close()
+
+
+@pytest.fixture
+def browser(app: SessionMiddleware) -> webtest.TestApp:
+    return webtest.TestApp(app)
+
+
+def set_cookies(response: webtest.TestResponse) -> list[dict[str, str]]:
+    """The response's Set-Cookie headers, each as {"name": .., "value": .., attribute (lowercase): value}."""
+    cookies = []
+    for header in response.headers.getall("Set-Cookie"):
+        first, *attributes = (part.strip() for part in header.split(";"))
+        name, _, value = first.partition("=")
+        cookie = {"name": name, "value": value}
+        for attribute in attributes:
+            key, _, val = attribute.partition("=")
+            cookie[key.lower()] = val
+        cookies.append(cookie)
+    return cookies
+
+
+def session_cookie(response: webtest.TestResponse) -> str:
+    """The value of the one session cookie the response sets."""
+    cookies = set_cookies(response)
+    assert [c["name"] for c in cookies] == ["session"], response.headers
+    return cookies[0]["value"]
+
+
+def with_cookie(app: SessionMiddleware, value: str, method: str = "GET", path: str = "/api/session"):
+    """A request from another client that presents only this session cookie."""
+    client = webtest.TestApp(app)
+    return client.request(path, method=method, headers={"Cookie": f"session={value}"})
+
+
+def login(browser: webtest.TestApp, username: str) -> webtest.TestResponse:
+    response = browser.post("/login", {"username": username})
+    assert response.status_int == 303
+    assert response.headers["Location"].endswith("/")
+    return response
+
+
+def test_default_store_is_the_embedded_sqlite_file(app: SessionMiddleware, tmp_path: Path) -> None:
+    assert isinstance(app.store, SQLiteStore)
+    assert Path(app.store.path) == tmp_path / "sessions.sqlite3"
+
+
+def test_pages_that_create_no_session_set_no_cookie(app: SessionMiddleware, browser: webtest.TestApp) -> None:
+    home = browser.get("/")
+    assert home.status_int == 200
+    assert home.content_type == "text/html"
+    assert 'action="/login"' in home.text and 'name="username"' in home.text
+    assert "Count: 0" in home.text
+    assert home.headers.getall("Set-Cookie") == []
+    assert home.headers["Vary"] == "Cookie"  # the page depends on the session
+
+    api = browser.get("/api/session")
+    assert api.json == {"user": None, "count": 0}
+    assert api.headers.getall("Set-Cookie") == []
+
+    missing = browser.get("/no/such/page", status=404)
+    assert missing.headers.getall("Set-Cookie") == []
+    assert "Vary" not in missing.headers  # the session was never touched
+
+    empty = browser.post("/login", {"username": "  "}, status=400)
+    assert empty.headers.getall("Set-Cookie") == []
+    assert browser.cookies == {}
+    assert with_cookie(app, "forged.cookie").json == {"user": None, "count": 0}
+
+
+def test_login_sets_a_hardened_cookie_and_shows_the_user(browser: webtest.TestApp) -> None:
+    response = login(browser, "alice")
+    [cookie] = set_cookies(response)
+    assert cookie["name"] == "session"
+    assert len(cookie["value"]) == 87  # signed 43-character id
+    assert "httponly" in cookie
+    assert cookie["samesite"] == "Lax"
+    assert cookie["path"] == "/"
+    assert cookie["max-age"] == str(MAX_AGE)
+    expires = parsedate_to_datetime(cookie["expires"]).timestamp()
+    assert abs(expires - (time.time() + MAX_AGE)) < 60
+    assert "secure" not in cookie  # plain http: a Secure cookie would never come back
+
+    home = browser.get("/")
+    assert "Logged in as <b>alice</b>" in home.text
+    assert 'action="/logout"' in home.text and 'name="username"' not in home.text
+    assert browser.get("/api/session").json == {"user": "alice", "count": 0}
+
+
+def test_reading_the_session_does_not_rewrite_the_cookie(browser: webtest.TestApp) -> None:
+    login(browser, "alice")
+    for path in ("/", "/api/session", "/"):
+        response = browser.get(path)
+        assert response.headers.getall("Set-Cookie") == [], path
+        assert response.headers["Vary"] == "Cookie"
+
+
+def test_counter_increments_for_anonymous_and_logged_in_users(browser: webtest.TestApp) -> None:
+    response = browser.post("/counter")
+    assert response.status_int == 303
+    session_cookie(response)  # the first value stored starts a session
+    assert browser.get("/api/session").json == {"user": None, "count": 1}
+
+    login(browser, "alice")
+    for _ in range(3):
+        assert browser.post("/counter").status_int == 303
+    assert browser.get("/api/session").json == {"user": "alice", "count": 4}
+    assert "Count: 4" in browser.get("/").text
+
+
+def test_each_client_has_its_own_session(app: SessionMiddleware) -> None:
+    alice, bob = webtest.TestApp(app), webtest.TestApp(app)
+    login(alice, "alice")
+    login(bob, "bob")
+    alice.post("/counter")
+    alice.post("/counter")
+    bob.post("/counter")
+    assert alice.get("/api/session").json == {"user": "alice", "count": 2}
+    assert bob.get("/api/session").json == {"user": "bob", "count": 1}
+
+
+def test_logout_ends_the_session_for_every_copy_of_the_cookie(app: SessionMiddleware, browser: webtest.TestApp) -> None:
+    old = session_cookie(login(browser, "alice"))
+    browser.post("/counter")
+    assert with_cookie(app, old).json == {"user": "alice", "count": 1}
+
+    response = browser.post("/logout")
+    assert response.status_int == 303
+    [cookie] = set_cookies(response)
+    assert cookie["value"] == "" and cookie["max-age"] == "0"  # the browser drops it
+    assert browser.cookies == {}
+    assert 'name="username"' in browser.get("/").text
+    assert browser.get("/api/session").json == {"user": None, "count": 0}
+
+    # A copy of the old cookie (another tab, a thief) is worth nothing now.
+    replay = with_cookie(app, old)
+    assert replay.json == {"user": None, "count": 0}
+    assert set_cookies(replay)[0]["max-age"] == "0"
+    fresh = with_cookie(app, old, "POST", "/counter")
+    assert session_cookie(fresh) != old  # a brand-new session, not the old one revived
+    assert with_cookie(app, session_cookie(fresh)).json == {"user": None, "count": 1}
+
+
+def test_login_regenerates_the_session_id(app: SessionMiddleware, browser: webtest.TestApp) -> None:
+    # Session fixation: a cookie obtained (or planted) before login must not become a logged-in one.
+    before = session_cookie(browser.post("/counter"))
+    after = session_cookie(login(browser, "alice"))
+    assert after != before
+    assert with_cookie(app, before).json == {"user": None, "count": 0}
+    assert with_cookie(app, after).json == {"user": "alice", "count": 1}  # the data moved to the new id
+
+    # Logging in again (as someone else) changes it again.
+    again = session_cookie(login(browser, "bob"))
+    assert again not in (before, after)
+    assert with_cookie(app, after).json == {"user": None, "count": 0}
+    assert browser.get("/api/session").json == {"user": "bob", "count": 1}
+
+
+def test_usernames_are_kept_exactly_and_escaped_in_html(browser: webtest.TestApp) -> None:
+    name = "Zoë <script>alert(1)</script> & co"
+    login(browser, name)
+    assert browser.get("/api/session").json == {"user": name, "count": 0}
+    home = browser.get("/").text
+    assert "<script>" not in home
+    assert "Zoë &lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in home
+
+
+@pytest.mark.parametrize("name", APPS)
+def test_runs_as_a_script(name: str, tmp_path: Path) -> None:
+    # `python examples/NAME.py` puts examples/ first on sys.path: the module names must not shadow
+    # the frameworks (bottle, pyramid) they import.
+    port = free_port()
+    env = {**example_env(tmp_path), "PORT": str(port)}
+    stderr = tmp_path / "stderr.txt"
+    with open(stderr, "wb") as errors:
+        process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / f"{name}.py")], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=errors, text=True,
+        )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        first_line = process.stdout.readline().strip()
+        assert first_line == f"Serving on http://127.0.0.1:{port}", stderr.read_text()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("POST", "/login", "username=carol", {"Content-Type": "application/x-www-form-urlencoded"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        assert response.status == 303
+        cookie = response.getheader("Set-Cookie", "").split(";")[0]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/api/session", headers={"Cookie": cookie})
+        assert json.loads(conn.getresponse().read()) == {"user": "carol", "count": 0}
+        conn.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
