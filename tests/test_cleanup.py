@@ -212,7 +212,7 @@ def test_cleanup_thread_survives_a_failing_cleanup(
     assert failure.levelno == logging.WARNING
     assert thread.is_alive(), "the cleanup thread died on an error"
 
-    store.create_table()
+    store.setup()
     insert_expired(store, 10)
     assert wait_for(lambda: row_count(store) == 0), "the thread stopped cleaning after an error"
 
@@ -351,7 +351,7 @@ def test_forked_child_starts_its_own_thread_and_connections(make_store: Callable
 
     def child() -> dict[str, Any]:
         result: dict[str, Any] = {"threads_before_use": len(cleanup_threads())}
-        store.cleanup_interval = 0.2
+        store._cleaner.interval = 0.2  # the child cleans often, the parent rarely
         record = store.load(parent_key)  # the child's first use
         result["parent_data"] = None if record is None else record.data
         threads = cleanup_threads()

@@ -123,7 +123,8 @@ def test_check_reports_the_fallback_without_passwords(tmp_path: Path, database_u
     result = run_cli(tmp_path, "check", env={"REDIS_URL": redis_url, "DATABASE_URL": pg_url, "SESSION_TABLE": table})
     assert result.returncode == 0, result.stderr
     assert "WARNING: Redis unavailable, falling back to PostgreSQL" in result.stdout
-    assert "Store: PostgresStore" in result.stdout
+    assert "Store: FailoverStore: RedisStore" in result.stdout  # Redis may come back: it is still watched
+    assert "with a copy of every session in PostgresStore" in result.stdout
     assert ROUND_TRIP.search(result.stdout)
     output = result.stdout + result.stderr
     assert "cli-redis-password-1234" not in output

@@ -18,6 +18,7 @@ from servers import SECRET, RedisServer, drop_table, free_port, unique
 from wsgisession import SQLiteStore
 from wsgisession.config import ConfigError, Settings, create_session_store
 from wsgisession.stores.base import SessionStore, StoreError
+from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.memory import MemoryStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
@@ -105,8 +106,7 @@ def table_exists(url: str, table: str) -> bool:
 
 def test_answering_redis_is_used(stores, caplog, redis_url: str, database_url: str, table: str) -> None:
     prefix = unique("detect") + ":"
-    store = detect(stores, REDIS_URL=redis_url, DATABASE_URL=database_url, SESSION_TABLE=table,
-                   SESSION_REDIS_PREFIX=prefix)  # fmt: skip
+    store = detect(stores, REDIS_URL=redis_url, SESSION_REDIS_PREFIX=prefix)
     assert isinstance(store, RedisStore)
     assert store.prefix == prefix
     assert "Using Redis for session storage" in messages(caplog)
@@ -115,11 +115,30 @@ def test_answering_redis_is_used(stores, caplog, redis_url: str, database_url: s
     assert_works(store)
 
 
+def test_redis_and_postgres_together_keep_a_durable_copy(stores, caplog, redis_url: str, database_url: str,
+                                                         table: str) -> None:  # fmt: skip
+    store = detect(stores, REDIS_URL=redis_url, DATABASE_URL=database_url, SESSION_TABLE=table,
+                   SESSION_REDIS_PREFIX=unique("detect") + ":")  # fmt: skip
+    assert isinstance(store, FailoverStore)
+    assert isinstance(store.cache, RedisStore) and isinstance(store.durable, PostgresStore)
+    assert "Using Redis for session storage" in messages(caplog)
+    assert any(m.startswith("Keeping a durable copy of every session in PostgreSQL") for m in messages(caplog))
+    assert messages(caplog, logging.WARNING) == []
+    assert table_exists(database_url, table)
+    assert_works(store)
+
+
+def test_forcing_redis_drops_the_durable_copy(stores, redis_url: str, database_url: str, table: str) -> None:
+    store = detect(stores, SESSION_STORE="redis", REDIS_URL=redis_url, DATABASE_URL=database_url, SESSION_TABLE=table)
+    assert isinstance(store, RedisStore)
+    assert not table_exists(database_url, table)
+
+
 def test_closed_redis_port_falls_back_to_postgres_after_retries(stores, caplog, database_url: str, table: str) -> None:
     started = time.monotonic()
     store = detect(stores, REDIS_URL=closed_redis_url(), DATABASE_URL=database_url, SESSION_TABLE=table)
     elapsed = time.monotonic() - started
-    assert isinstance(store, PostgresStore)
+    assert isinstance(store, FailoverStore) and store.serving_from == "PostgreSQL"
     warnings = messages(caplog, logging.WARNING)
     assert len(warnings) == 1 and warnings[0].startswith("Redis unavailable, falling back to PostgreSQL"), warnings
     assert "Using PostgreSQL for session storage" in messages(caplog)
@@ -132,11 +151,12 @@ def test_killed_private_redis_falls_back_to_postgres(
     stores, caplog, private_redis: RedisServer, database_url: str, table: str
 ) -> None:
     environ = {"REDIS_URL": private_redis.url, "DATABASE_URL": database_url, "SESSION_TABLE": table}
-    assert isinstance(detect(stores, **environ), RedisStore)  # while it runs, it is chosen
+    running = detect(stores, **environ)
+    assert isinstance(running, FailoverStore) and running.serving_from == "Redis"  # while it runs, it is chosen
     private_redis.kill()
     caplog.clear()
     store = detect(stores, **environ)
-    assert isinstance(store, PostgresStore)
+    assert isinstance(store, FailoverStore) and store.serving_from == "PostgreSQL"
     assert any(m.startswith("Redis unavailable, falling back to PostgreSQL") for m in messages(caplog, logging.WARNING))
     assert_works(store)
 
@@ -202,7 +222,7 @@ def test_passwords_never_appear_in_the_logs(stores, caplog, database_url: str, t
     redis_password = "redis-pw-4471"
     pg_url, pg_password = with_password(database_url, "pg-pw-5582")
     store = detect(stores, REDIS_URL=closed_redis_url(redis_password), DATABASE_URL=pg_url, SESSION_TABLE=table)
-    assert isinstance(store, PostgresStore)
+    assert isinstance(store, FailoverStore)
     assert "redis://:***@127.0.0.1" in caplog.text
     for record in caplog.records:
         text = record.getMessage()

@@ -92,7 +92,7 @@ def init_db_command(args: argparse.Namespace) -> int:
         if sql_store is None:
             print(f"Nothing to create: {type(store).__name__} needs no table")
             return 0
-        sql_store.create_table()
+        sql_store.setup()
         print(f"Table {sql_store.table} is ready: {describe(store, settings)}")
     return 0
 
@@ -151,6 +151,9 @@ class _Formatter(logging.Formatter):
 def describe(store: SessionStore, settings: Settings) -> str:
     """The store's class and where it keeps sessions, with any password masked."""
     name = type(store).__name__
+    if name == "FailoverStore":
+        cache, durable = store.cache, store.durable  # type: ignore[attr-defined]
+        return f"{name}: {describe(cache, settings)}, with a copy of every session in {describe(durable, settings)}"
     if name == "RedisStore" and settings.redis_url:
         return f"{name} at {mask_url(settings.redis_url)} (key prefix {settings.redis_prefix!r})"
     if name == "PostgresStore" and settings.database_url:

@@ -52,6 +52,7 @@ class Settings:
     redis_prefix: str = "sess:"
     store_timeout: float = 1.0
     cleanup_interval: float = 120.0
+    probe_interval: float = 1.0
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -104,8 +105,11 @@ class Settings:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
         if not TABLE_NAME.fullmatch(self.table):
             raise ConfigError(f"SESSION_TABLE {self.table!r} is not a table name: use letters, digits and _")
-        if self.store_timeout <= 0 or self.cleanup_interval < 0:
-            raise ConfigError("SESSION_STORE_TIMEOUT must be positive and SESSION_CLEANUP_INTERVAL not negative")
+        if self.store_timeout <= 0 or self.probe_interval <= 0 or self.cleanup_interval < 0:
+            raise ConfigError(
+                "SESSION_STORE_TIMEOUT and SESSION_PROBE_INTERVAL must be positive, "
+                "SESSION_CLEANUP_INTERVAL not negative"
+            )
 
 
 def _milliseconds(raw: str) -> float:
@@ -145,6 +149,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "redis_prefix": ("SESSION_REDIS_PREFIX", str),
     "store_timeout": ("SESSION_STORE_TIMEOUT", float),
     "cleanup_interval": ("SESSION_CLEANUP_INTERVAL", float),
+    "probe_interval": ("SESSION_PROBE_INTERVAL", float),
 }
 
 
@@ -181,36 +186,56 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
     if forced == "redis":
         return _redis(settings)
     if forced == "postgres":
-        return _postgres(settings, interval)
+        store = _postgres(settings, interval)
+        store.setup()
+        return store
 
-    redis_failure = "REDIS_URL is not set"
+    redis_store, redis_up, redis_failure = None, False, "REDIS_URL is not set"
     if settings.redis_url:
-        store = _redis(settings)
+        redis_store = _redis(settings)
         try:
-            _ping_with_retries(store)
+            _ping_with_retries(redis_store)
+            redis_up = True
+            log.info("Using Redis for session storage")
         except StoreError as exc:
-            store.close()
             redis_failure = f"Redis at {mask_url(settings.redis_url)} did not answer: {exc}"
             log.warning("Redis unavailable, falling back to PostgreSQL (%s)", redis_failure)
-        else:
-            log.info("Using Redis for session storage")
-            return store
+        if not settings.database_url:
+            if redis_up:
+                return redis_store
+            raise ConfigError(f"Cannot start: {redis_failure}, and DATABASE_URL is not set for a fallback")
     elif settings.database_url:
         log.info("No REDIS_URL provided, using PostgreSQL for sessions")
 
-    if settings.database_url:
-        try:
-            pg_store = _postgres(settings, interval)
-        except StoreError as exc:
+    if not settings.database_url:
+        return _sqlite(settings, interval)
+    postgres = _postgres(settings, interval)
+    try:
+        postgres.setup()
+        postgres_up = True
+    except StoreError as exc:
+        if not redis_up:
             raise ConfigError(
                 f"Cannot start: no session store is reachable. {redis_failure}; "
                 f"PostgreSQL at {mask_url(settings.database_url)} failed: {exc}"
             ) from None
+        postgres_up = False
+        log.warning("PostgreSQL unavailable, keeping sessions in Redis until it is back (%s)", exc)
+    if redis_store is None:
         log.info("Using PostgreSQL for session storage")
-        return pg_store
-    if settings.redis_url:
-        raise ConfigError(f"Cannot start: {redis_failure}, and DATABASE_URL is not set for a fallback")
-    return _sqlite(settings, interval)
+        return postgres
+    if not redis_up:
+        log.info("Using PostgreSQL for session storage")
+    log.info("Keeping a durable copy of every session in PostgreSQL (SESSION_STORE=redis turns it off)")
+    from .stores.failover import FailoverStore
+
+    return FailoverStore(
+        redis_store,
+        postgres,
+        probe_interval=settings.probe_interval,
+        cache_up=redis_up,
+        durable_up=postgres_up,
+    )
 
 
 def _ping_with_retries(store: SessionStore) -> None:
@@ -260,6 +285,7 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
         table=settings.table,
         cleanup_interval=cleanup_interval,
         timeout=max(settings.store_timeout, 1.0),
+        create_table=False,  # the caller runs setup(), and decides what a failure means
     )
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 log = logging.getLogger("wsgisession")
@@ -37,11 +41,14 @@ class Changes(NamedTuple):
 class SessionStore(ABC):
     """Where sessions live. Every method is safe to call from many threads.
 
-    ``load`` ignores expired and malformed records. ``create`` writes a new record;
+    ``load`` ignores expired and malformed records. ``create`` writes a whole record;
     ``update`` and ``touch`` only change a record that still exists (so a session
     deleted meanwhile, by a logout or by expiry, is never brought back) and say
     whether it did. Failures to reach the backend raise :class:`StoreError`.
     """
+
+    #: what log lines call the backend
+    name = "store"
 
     @abstractmethod
     def load(self, key: str) -> Record | None:
@@ -49,7 +56,7 @@ class SessionStore(ABC):
 
     @abstractmethod
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        """Store a new session of JSON-encoded values that lives ``ttl`` seconds."""
+        """Store a session of JSON-encoded values that lives ``ttl`` seconds, replacing any under ``key``."""
 
     @abstractmethod
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
@@ -70,6 +77,9 @@ class SessionStore(ABC):
     @abstractmethod
     def ping(self) -> None:
         """Raise :class:`StoreError` unless the backend answers."""
+
+    def setup(self) -> None:  # noqa: B027 - most stores have nothing to prepare
+        """Prepare the backend (create its table); safe to call again, from any process."""
 
     def cleanup(self) -> int:
         """Delete expired sessions now and return how many; stores with native TTL have none."""
@@ -99,3 +109,63 @@ def decode_record(raw: Any, expires: float, source: str) -> Record | None:
 def now() -> float:
     """The clock all stores use for expiry (the application's, in Unix seconds)."""
     return time.time()
+
+
+def encode_values(data: Mapping[str, Any]) -> dict[str, str]:
+    """The JSON text of each value, as ``create`` takes them (for copying between stores)."""
+    return {k: json.dumps(v, ensure_ascii=False, separators=(",", ":")) for k, v in data.items()}
+
+
+class Periodic:
+    """Runs ``task`` every ``interval`` seconds (give or take a fifth) on a daemon thread.
+
+    The thread belongs to the process that called :meth:`start`: a forked child has none
+    until it calls :meth:`start` itself, so a store built before gunicorn forks still gets
+    one thread per worker, started on first use.
+    """
+
+    def __init__(self, name: str, interval: float, task: Callable[[], None]) -> None:
+        self.name = name
+        self.interval = interval
+        self._task = task
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        ref = weakref.ref(self)
+
+        def forget() -> None:
+            periodic = ref()
+            if periodic is not None:
+                periodic._forget()
+
+        os.register_at_fork(after_in_child=forget)
+
+    def start(self) -> None:
+        """Start the thread in this process unless it runs already, the interval is 0 or it was stopped."""
+        if self._thread is not None or self.interval <= 0:
+            return
+        with self._lock:
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread for good and wait (briefly) for it to end."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval * random.uniform(0.8, 1.2)):
+            self._task()
+
+    def _forget(self) -> None:
+        stopped = self._stop.is_set()
+        self._lock, self._stop, self._thread = threading.Lock(), threading.Event(), None
+        if stopped:
+            self._stop.set()

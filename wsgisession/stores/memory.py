@@ -12,6 +12,8 @@ from .base import Changes, Record, SessionStore, log, now
 class MemoryStore(SessionStore):
     """Sessions in a dict guarded by a lock. Lost on restart, not shared by workers."""
 
+    name = "memory"
+
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[dict[str, str], float]] = {}
         self._lock = threading.Lock()

@@ -14,6 +14,8 @@ from .sql import SQLStore
 class PostgresStore(SQLStore):
     """Sessions in a PostgreSQL table ``(id text, data jsonb, expires_at timestamptz)``."""
 
+    name = "PostgreSQL"
+
     param = "%s"
     data_type = "JSONB"
     time_type = "TIMESTAMPTZ"
@@ -37,7 +39,7 @@ class PostgresStore(SQLStore):
             "WHERE id = %s AND expires_at > to_timestamp(%s)"
         )
         if create_table:
-            self.create_table()
+            self.setup()
 
     @staticmethod
     def timestamp(param: str) -> str:

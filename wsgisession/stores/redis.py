@@ -28,6 +28,8 @@ return 1
 class RedisStore(SessionStore):
     """Sessions as Redis hashes ``<prefix><key>`` of JSON values, expired by Redis itself."""
 
+    name = "Redis"
+
     def __init__(
         self,
         url: str | None = None,
@@ -70,6 +72,7 @@ class RedisStore(SessionStore):
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         pipe = self.client.pipeline(transaction=True)
+        pipe.delete(self.prefix + key)
         pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
         pipe.pexpire(self.prefix + key, _ms(ttl))
         self._run(pipe.execute)

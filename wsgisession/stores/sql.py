@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import threading
 import weakref
@@ -17,7 +16,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .base import Changes, Record, SessionStore, StoreError, decode_record, json_object, log, now
+from .base import Changes, Periodic, Record, SessionStore, StoreError, decode_record, json_object, log, now
 
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 CLEANUP_BATCH = 1000
@@ -81,16 +80,17 @@ class SQLStore(SessionStore):
         if not TABLE_NAME.fullmatch(table):
             raise ValueError(f"invalid table name {table!r}: use letters, digits and _, optionally schema.table")
         self.table = table
-        self.cleanup_interval = cleanup_interval
         self._pool_size = pool_size
         self._timeout = timeout
         self._pool: Pool | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._cleaner: threading.Thread | None = None
+        self._cleaner = Periodic("wsgisession-cleanup", cleanup_interval, self._clean)
         ts, p, t = self.timestamp(self.param), self.param, table
         self._sql_load = f"SELECT data, {self.epoch('expires_at')} FROM {t} WHERE id = {p} AND expires_at > {ts}"
-        self._sql_create = f"INSERT INTO {t} (id, data, expires_at) VALUES ({p}, {p}, {ts})"
+        self._sql_create = (
+            f"INSERT INTO {t} (id, data, expires_at) VALUES ({p}, {p}, {ts}) "
+            "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at"
+        )
         self._sql_touch = f"UPDATE {t} SET expires_at = {ts} WHERE id = {p} AND expires_at > {ts}"
         self._sql_delete = f"DELETE FROM {t} WHERE id = {p}"
         self._sql_cleanup = (
@@ -175,13 +175,13 @@ class SQLStore(SessionStore):
                 count = max(cur.rowcount, 0)
                 cur.execute("COMMIT")
             removed += count
-            if count < CLEANUP_BATCH or self._stop.is_set():
+            if count < CLEANUP_BATCH or self._cleaner.stopped:
                 break
         if removed:
             log.info("Cleaned up %d expired sessions", removed)
         return removed
 
-    def create_table(self) -> None:
+    def setup(self) -> None:
         """Create the table and its index if missing (safe when several processes start at once).
 
         It uses a connection of its own, not the pool: a process that only builds the store
@@ -192,16 +192,13 @@ class SQLStore(SessionStore):
                 cur.execute(statement)
 
     def _create_statements(self) -> list[str]:
-        """What :meth:`create_table` runs: the schema, and whatever makes it safe to run at once."""
+        """What :meth:`setup` runs: the schema, and whatever makes it safe to run at once."""
         return self.schema()
 
     def close(self) -> None:
-        self._stop.set()
+        self._cleaner.stop()
         with self._lock:
-            cleaner, pool = self._cleaner, self._pool
-            self._pool = None
-        if cleaner is not None and cleaner is not threading.current_thread():
-            cleaner.join(timeout=5)
+            pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
 
@@ -223,23 +220,18 @@ class SQLStore(SessionStore):
     def _start(self) -> Pool:
         """Make this process's pool and start its cleanup thread: on first use, so after a fork."""
         with self._lock:
-            if self._stop.is_set():
+            if self._cleaner.stopped:
                 raise StoreError(f"{type(self).__name__} is closed")
             if self._pool is None:
                 self._pool = Pool(self._connect, self._pool_size, self._timeout)
-                if self.cleanup_interval > 0:
-                    self._cleaner = threading.Thread(
-                        target=self._clean_periodically, name="wsgisession-cleanup", daemon=True
-                    )
-                    self._cleaner.start()
+                self._cleaner.start()
             return self._pool
 
-    def _clean_periodically(self) -> None:
-        while not self._stop.wait(self.cleanup_interval * random.uniform(0.8, 1.2)):
-            try:
-                self.cleanup()
-            except StoreError as exc:
-                log.warning("Session cleanup failed: %s", exc)
+    def _clean(self) -> None:
+        try:
+            self.cleanup()
+        except StoreError as exc:
+            log.warning("Session cleanup failed: %s", exc)
 
     def _forget_after_fork(self) -> None:
         ref = weakref.ref(self)
@@ -250,7 +242,7 @@ class SQLStore(SessionStore):
                 store._lock = threading.Lock()
                 if store._pool is not None:
                     store._pool.forget()
-                store._pool, store._cleaner = None, None
+                store._pool = None
 
         os.register_at_fork(after_in_child=reset)
 

@@ -13,6 +13,8 @@ from .sql import SQLStore
 class SQLiteStore(SQLStore):
     """Sessions in a SQLite database in WAL mode; one host only (no network sharing)."""
 
+    name = "SQLite"
+
     data_type = "TEXT"
     time_type = "REAL"
     table_options = " WITHOUT ROWID"
@@ -29,7 +31,7 @@ class SQLiteStore(SQLStore):
     ) -> None:
         self.path = path
         super().__init__(table, cleanup_interval, pool_size, timeout)
-        self.create_table()
+        self.setup()
 
     @staticmethod
     def timestamp(param: str) -> str:
