@@ -173,7 +173,7 @@ class WholeSessionWrites(SessionMiddleware):
             return super().save(session, environ, *args)
         values = {k: encode(k, v) for k, v in session.items()}
         self.store.create(store_key(session.id), values, self.settings.max_age)
-        return [self.cookie(environ, session.id)]
+        return [self.cookie(environ, session.id, session._created or 0)]
 
 
 def test_the_race_harness_catches_whole_session_writes() -> None:

@@ -116,7 +116,7 @@ def test_comma_list_is_a_rotation_first_signs() -> None:
     assert s.secrets == (SECRET, OTHER)
     mw = SessionMiddleware(hello, MemoryStore(), secret=list(s.secrets))
     session_id = "A" * 43
-    assert mw.signer.unsign(mw.signer.sign(session_id)) == (session_id, True)
+    assert mw.signer.unsign(mw.signer.sign(session_id, 1)) == (session_id, 1, True)
 
 
 def test_secret_from_environment_reaches_the_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +125,7 @@ def test_secret_from_environment_reaches_the_middleware(monkeypatch: pytest.Monk
     assert mw.settings.secrets == (SECRET, OTHER)
     res = TestApp(mw).get("/")
     value = res.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
-    assert mw.signer.unsign(value) == (value[:43], True)
+    assert mw.signer.unsign(value) == (value[:43], int(value.split(".")[1]), True)
     only_other = SessionMiddleware(hello, MemoryStore(), secret=OTHER)
     assert only_other.signer.unsign(value) is None  # signed with the first secret of the list
 

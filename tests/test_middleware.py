@@ -29,7 +29,7 @@ from webtest import TestApp
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionStore, SessionValueError, StoreError
 from wsgisession.config import _VARIABLES
-from wsgisession.middleware import _FailureLog
+from wsgisession.middleware import _RateLimitedLog
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import Changes, Record
 
@@ -39,6 +39,8 @@ StartResponse = Callable[..., Any]
 WSGIApp = Callable[[Environ, StartResponse], Any]
 Action = Callable[[Session, dict[str, str]], Any]
 KEEP: Any = object()
+
+NOW = int(time.time())  # a creation time for hand-made cookies
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +313,7 @@ def test_setting_a_key_stores_it_and_sets_the_cookie() -> None:
     assert store.calls == ["create"]
     cookie = set_cookie(res)
     assert cookie is not None
-    session_id, current = mw.signer.unsign(cookie["value"]) or ("", False)
+    session_id, _, current = mw.signer.unsign(cookie["value"]) or ("", 0, False)
     assert current and len(session_id) == ID_LENGTH
     assert store.data(session_id) == {"user": "ann"}
     assert list(store._sessions) == [store_key(session_id)]  # the store never sees the id itself
@@ -780,16 +782,16 @@ def _bad_cookies(cookie: str) -> dict[str, str]:
     return {
         "tampered": cookie[:-2] + ("AA" if not cookie.endswith("AA") else "BB"),
         "truncated": cookie[:-1],
-        "unknown-key": Signer(["unknown-secret-abcdefghijklmnopqrstuvwxyz0123"]).sign(session_id),
+        "unknown-key": Signer(["unknown-secret-abcdefghijklmnopqrstuvwxyz0123"]).sign(session_id, NOW),
         "garbage": "not a session cookie at all",
         "empty": "",
         "quoted-garbage": '"' + "x" * 85 + '"',
         "id-only": session_id,
-        "unstored-id": Signer([SECRET]).sign(new_id()),
+        "unstored-id": Signer([SECRET]).sign(new_id(), NOW),
     }
 
 
-@pytest.mark.parametrize("kind", list(_bad_cookies(Signer([SECRET]).sign(new_id()))))
+@pytest.mark.parametrize("kind", list(_bad_cookies(Signer([SECRET]).sign(new_id(), NOW))))
 def test_bad_cookie_gives_a_fresh_session_with_a_fresh_id(kind: str) -> None:
     browser, store = logged_in()
     real = browser.cookie
@@ -800,7 +802,7 @@ def test_bad_cookie_gives_a_fresh_session_with_a_fresh_id(kind: str) -> None:
     fresh = browser.cookie
     assert fresh is not None
     assert fresh[:ID_LENGTH] not in (bad[:ID_LENGTH], real[:ID_LENGTH])  # never the client's id
-    assert browser.mw.signer.unsign(fresh) == (fresh[:ID_LENGTH], True)
+    assert browser.mw.signer.unsign(fresh) == (fresh[:ID_LENGTH], int(fresh.split(".")[1]), True)
     assert store.data(real[:ID_LENGTH]) == {"user": "ann", "cart": [1]}  # the real session is untouched
 
 
@@ -835,7 +837,7 @@ def test_session_cookie_is_found_among_others() -> None:
     headers = {"Cookie": f'theme=dark; session_old=xyz; session="{real}"; lang=en'}
     assert browser.app.get("/read", headers=headers).json == {"user": "ann", "cart": [1]}
     # Two cookies of the name (another path's, or a planted one): the genuine one wins.
-    headers = {"Cookie": f"session={Signer([SECRET]).sign(new_id())[:-1]}; session={real}"}
+    headers = {"Cookie": f"session={Signer([SECRET]).sign(new_id(), NOW)[:-1]}; session={real}"}
     assert browser.app.get("/read", headers=headers).json == {"user": "ann", "cart": [1]}
 
 
@@ -856,7 +858,7 @@ def test_older_rotation_key_is_accepted_and_resigned() -> None:
     new_value = cookie["value"]
     assert new_value != old_cookie
     assert new_value[:ID_LENGTH] == old_cookie[:ID_LENGTH]  # the same session
-    assert Signer([SECRET]).unsign(new_value) == (old_cookie[:ID_LENGTH], True)
+    assert Signer([SECRET]).unsign(new_value) == (old_cookie[:ID_LENGTH], int(old_cookie.split(".")[1]), True)
     assert Signer([OLD_SECRET]).unsign(new_value) is None
     # Once re-signed, reads are quiet again.
     store.calls.clear()
@@ -941,7 +943,7 @@ def test_load_failure_degrades_to_an_empty_session(warnings: Callable[[], list[s
 
 def test_failure_log_reports_the_count_of_suppressed_failures(warnings: Callable[[], list[str]]) -> None:
     browser, store = logged_in()
-    browser.mw._failures = _FailureLog(interval=0.2)
+    browser.mw._failures = _RateLimitedLog(interval=0.2)
     store.failing = {"load"}
     for _ in range(4):
         browser.get("/read")
@@ -950,7 +952,7 @@ def test_failure_log_reports_the_count_of_suppressed_failures(warnings: Callable
     browser.get("/read")
     lines = warnings()
     assert len(lines) == 2
-    assert "3 more failures" in lines[1]
+    assert "3 more since the last report" in lines[1]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 from .config import ConfigError, Settings, create_session_store
 from .middleware import SessionMiddleware
-from .session import Session, SessionValueError
+from .session import Session, SessionTooLarge, SessionValueError
 from .stores import MemoryStore, SessionStore, SQLiteStore, StoreError
 
 __version__ = "0.1.0"
@@ -14,6 +14,7 @@ __all__ = [
     "Session",
     "SessionMiddleware",
     "SessionStore",
+    "SessionTooLarge",
     "SessionValueError",
     "Settings",
     "StoreError",

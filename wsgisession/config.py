@@ -38,6 +38,8 @@ class Settings:
 
     secrets: tuple[str, ...] = dataclasses.field(repr=False)
     max_age: float = 86400.0
+    absolute_timeout: float = 7 * 86400.0
+    max_size: int = 65536
     cookie_name: str = "session"
     cookie_path: str = "/"
     cookie_domain: str | None = None
@@ -91,8 +93,10 @@ class Settings:
                     f"{where} is too short ({len(secret)} characters; at least {MIN_SECRET_LENGTH} random ones "
                     f"are needed). Generate one with: {_GENERATE}"
                 )
-        if self.max_age <= 0:
-            raise ConfigError("SESSION_MAX_AGE must be positive")
+        if self.max_age <= 0 or self.absolute_timeout <= 0:
+            raise ConfigError("SESSION_MAX_AGE and SESSION_ABSOLUTE_TIMEOUT must be positive")
+        if self.max_size < 1024:
+            raise ConfigError("SESSION_MAX_SIZE must be at least 1024 bytes")
         if self.cookie_samesite not in ("Lax", "Strict", "None"):
             raise ConfigError("SESSION_COOKIE_SAMESITE must be Lax, Strict or None")
         if self.cookie_samesite == "None" and self.cookie_secure is not True:
@@ -101,6 +105,14 @@ class Settings:
             raise ConfigError(f"SESSION_COOKIE_NAME {self.cookie_name!r} is not a valid cookie name")
         if not self.cookie_path.startswith("/"):
             raise ConfigError("SESSION_COOKIE_PATH must start with /")
+        if self.cookie_name.startswith(("__Host-", "__Secure-")) and self.cookie_secure is not True:
+            raise ConfigError(
+                f"a cookie named {self.cookie_name} needs SESSION_COOKIE_SECURE=true (browsers require it)"
+            )
+        if self.cookie_name.startswith("__Host-") and (self.cookie_path != "/" or self.cookie_domain):
+            raise ConfigError(
+                f"a cookie named {self.cookie_name} needs SESSION_COOKIE_PATH=/ and no SESSION_COOKIE_DOMAIN"
+            )
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
         if not TABLE_NAME.fullmatch(self.table):
@@ -135,6 +147,8 @@ def _samesite(raw: str) -> str:
 _VARIABLES: dict[str, tuple[str, Any]] = {
     "secrets": ("SESSION_SECRET", lambda raw: tuple(s.strip() for s in raw.split(",") if s.strip())),
     "max_age": ("SESSION_MAX_AGE", _milliseconds),
+    "absolute_timeout": ("SESSION_ABSOLUTE_TIMEOUT", _milliseconds),
+    "max_size": ("SESSION_MAX_SIZE", int),
     "cookie_name": ("SESSION_COOKIE_NAME", str),
     "cookie_path": ("SESSION_COOKIE_PATH", str),
     "cookie_domain": ("SESSION_COOKIE_DOMAIN", str),

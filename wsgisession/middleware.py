@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.http import dump_cookie
 
 from .config import Settings, create_session_store
-from .session import Session, encode
+from .session import Loaded, Session, SessionTooLarge, encode
 from .signing import Signer, store_key
-from .stores.base import SessionStore, StoreError
+from .stores.base import SessionStore, StoreError, json_object
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -31,7 +31,8 @@ class SessionMiddleware:
     """Wraps a WSGI application and puts its :class:`Session` at ``environ["session"]``.
 
     Keyword arguments override the environment variables of the same meaning
-    (``secret`` is ``SESSION_SECRET``; ``max_age`` is in seconds). With no ``store``,
+    (``secret`` is ``SESSION_SECRET``; ``max_age`` and ``absolute_timeout`` are in seconds,
+    ``max_size`` in bytes). With no ``store``,
     one is chosen from the environment by :func:`create_session_store`.
     """
 
@@ -42,6 +43,8 @@ class SessionMiddleware:
         *,
         secret: str | list[str] | None = None,
         max_age: float | None = None,
+        absolute_timeout: float | None = None,
+        max_size: int | None = None,
         cookie_name: str | None = None,
         cookie_path: str | None = None,
         cookie_domain: str | None = None,
@@ -53,6 +56,8 @@ class SessionMiddleware:
         self.settings = Settings.load(
             secret=secret,
             max_age=max_age,
+            absolute_timeout=absolute_timeout,
+            max_size=max_size,
             cookie_name=cookie_name,
             cookie_path=cookie_path,
             cookie_domain=cookie_domain,
@@ -64,7 +69,8 @@ class SessionMiddleware:
         self.signer = Signer(self.settings.secrets)
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
-        self._failures = _FailureLog()
+        self._failures = _RateLimitedLog()
+        self._tossing = _RateLimitedLog()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = _Request(self, environ, start_response)
@@ -93,46 +99,75 @@ class SessionMiddleware:
                 values.append(value.strip().strip('"'))
         return values
 
-    def session_id_from(self, values: list[str]) -> tuple[str, bool] | None:
-        """The id of the first genuine cookie value, and whether the current key signed it."""
+    def identify(self, values: list[str]) -> tuple[str, int, bool] | None:
+        """The session a request's cookie values name: ``(id, created, signed_with_current_key)``.
+
+        Forged and malformed values are ignored. Two genuine values naming different sessions
+        (a sibling domain tossing its own cookie in) name none: the request gets a fresh session.
+        """
+        found = None
         for value in values:
-            found = self.signer.unsign(value)
+            genuine = self.signer.unsign(value)
+            if genuine is None or (found is not None and genuine[0] == found[0]):
+                continue
             if found is not None:
-                return found
-        return None
+                self._tossing.report("Several session cookies name different sessions; none is used")
+                return None
+            found = genuine
+        if found is not None and found[1] + self.settings.absolute_timeout <= time.time():
+            return None  # past its absolute lifetime, however active
+        return found
+
+    def ttl(self, created: float) -> float:
+        """How long a session created at ``created`` may live from now: idle timeout, capped by the absolute one."""
+        return min(self.settings.max_age, created + self.settings.absolute_timeout - time.time())
 
     def save(self, session: Session, environ: WSGIEnvironment, resign: bool, had_cookie: bool) -> Headers:
         """Write what the request changed and return the headers that go with it."""
-        loaded_id, data = session._loaded_id, session._loaded()
-        store, ttl = self.store, self.settings.max_age
+        loaded_id, data, store = session._loaded_id, session._loaded(), self.store
         if loaded_id is None or session._id != loaded_id:  # a new record is needed
             if loaded_id is not None:
                 store.delete(store_key(loaded_id))
-            if data:
-                session_id = session.id
-                store.create(store_key(session_id), {k: encode(k, v) for k, v in data.items()}, ttl)
-                return [self.cookie(environ, session_id)]
-            return [self.expired_cookie(environ)] if had_cookie else []
-        key = store_key(loaded_id)
+            if not data:
+                return [self.expired_cookie(environ)] if had_cookie else []
+            session_id = session.id
+            created = session._created or int(time.time())  # regenerate() keeps the lifetime
+            store.create(store_key(session_id), self._encode_within_limit(data), self.ttl(created))
+            session._created = created
+            return [self.cookie(environ, session_id, created)]
+        key, created = store_key(loaded_id), session._created or 0
         if not data:
             store.delete(key)
             return [self.expired_cookie(environ)]
-        changes = session.changes()
+        changes, ttl = session.changes(), self.ttl(created)
         if changes.set or changes.deleted:
+            self._encode_within_limit(data)
             extended = store.update(key, changes, ttl)
-        elif resign or (session._expires or 0) - time.time() < ttl - self.refresh_after:
+        elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
             extended = store.touch(key, ttl)
         else:
             return []
         # A session deleted meanwhile (a logout, or a login's regenerate() in another request)
         # stays deleted; no cookie either, so this response cannot undo the other's cookie.
-        return [self.cookie(environ, loaded_id)] if extended else []
+        return [self.cookie(environ, loaded_id, created)] if extended else []
 
-    def cookie(self, environ: WSGIEnvironment, session_id: str) -> tuple[str, str]:
-        """The Set-Cookie header that hands ``session_id`` to the browser."""
+    def _encode_within_limit(self, data: dict[str, Any]) -> dict[str, str]:
+        """Every value as JSON, or :class:`SessionTooLarge` when together they pass SESSION_MAX_SIZE."""
+        encoded = {k: encode(k, v) for k, v in data.items()}
+        size = len(json_object(encoded).encode())
+        if size > self.settings.max_size:
+            raise SessionTooLarge(
+                f"the session holds {size} bytes of JSON, over the limit of {self.settings.max_size} "
+                "(SESSION_MAX_SIZE); nothing was saved"
+            )
+        return encoded
+
+    def cookie(self, environ: WSGIEnvironment, session_id: str, created: int) -> tuple[str, str]:
+        """The Set-Cookie header that hands the session to the browser, for as long as it may live."""
         s = self.settings
+        max_age = max(1, math.ceil(self.ttl(created)))
         return ("Set-Cookie", dump_cookie(
-            s.cookie_name, self.signer.sign(session_id), max_age=math.ceil(s.max_age), path=s.cookie_path,
+            s.cookie_name, self.signer.sign(session_id, created), max_age=max_age, path=s.cookie_path,
             domain=s.cookie_domain, secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
         ))  # fmt: skip
 
@@ -164,22 +199,22 @@ class _Request:
         self.replaced = False  # a 503 went out instead of the application's response
         self._start_response = start_response
 
-    def load(self) -> tuple[str | None, dict[str, Any], float | None]:
+    def load(self) -> Loaded:
         values = self.middleware.cookie_values(self.environ)
         self.had_cookie = bool(values)
-        found = self.middleware.session_id_from(values)
+        found = self.middleware.identify(values)
         if found is None:
-            return None, {}, None
-        session_id, current = found
+            return Loaded(None, {})
+        session_id, created, current = found
         try:
             record = self.middleware.store.load(store_key(session_id))
         except StoreError as exc:
             self.fail("loading", exc)
-            return None, {}, None
+            return Loaded(None, {})
         if record is None:
-            return None, {}, None
+            return Loaded(None, {})
         self.resign = not current
-        return session_id, record.data, record.expires
+        return Loaded(session_id, record.data, record.expires, created)
 
     def start_response(self, status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
         session = self.session
@@ -218,7 +253,7 @@ class _Request:
 
     def fail(self, action: str, exc: StoreError) -> None:
         self.failed = True
-        self.middleware._failures.report(action, exc)
+        self.middleware._failures.report(f"Session store failed while {action} a session: %s", exc)
 
 
 def _discard(data: bytes) -> None:
@@ -234,8 +269,9 @@ def _add_vary_cookie(headers: Headers) -> None:
     headers.append(("Vary", "Cookie"))
 
 
-class _FailureLog:
-    """Logs store failures at WARNING, once per burst: at most one line a minute, with a count."""
+class _RateLimitedLog:
+    """A WARNING that may repeat often (a store outage, an attack) logged at most once a
+    minute, with a count of the repeats it held back."""
 
     def __init__(self, interval: float = 60.0) -> None:
         self._interval = interval
@@ -243,12 +279,12 @@ class _FailureLog:
         self._suppressed = 0
         self._lock = threading.Lock()
 
-    def report(self, action: str, exc: StoreError) -> None:
+    def report(self, message: str, *args: object) -> None:
         with self._lock:
             t = time.monotonic()
             if t < self._next:
                 self._suppressed += 1
                 return
-            more = f" ({self._suppressed} more failures since the last report)" if self._suppressed else ""
+            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
             self._next, self._suppressed = t + self._interval, 0
-        log.warning("Session store failed while %s a session: %s%s", action, exc, more)
+        log.warning(message + more, *args)

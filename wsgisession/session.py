@@ -6,7 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator, MutableMapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .signing import new_id
 from .stores.base import Changes
@@ -18,8 +18,22 @@ _IMMUTABLE = (str, int, float, bool, type(None))
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
 
 
+class Loaded(NamedTuple):
+    """What a session loader returns: the stored session's id (None when there is none),
+    its data, its expiry and creation time (Unix seconds)."""
+
+    id: str | None
+    data: dict[str, Any]
+    expires: float | None = None
+    created: int | None = None
+
+
 class SessionValueError(TypeError):
     """A session value that JSON cannot hold; the message names the key."""
+
+
+class SessionTooLarge(SessionValueError):
+    """The session's JSON passes SESSION_MAX_SIZE; the message gives both sizes."""
 
 
 def encode(key: str, value: Any) -> str:
@@ -43,10 +57,10 @@ class Session(MutableMapping[str, Any]):
     when loaded, so that the middleware writes only the keys this request changed.
     """
 
-    __slots__ = ("_before", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_saved")
+    __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_saved")
 
-    def __init__(self, load: Callable[[], tuple[str | None, dict[str, Any], float | None]]) -> None:
-        """``load`` returns the stored session's id (None if there is none), data and expiry."""
+    def __init__(self, load: Callable[[], tuple[Any, ...]]) -> None:
+        """``load`` returns the fields of a :class:`Loaded`, called on first use."""
         self._load = load
         self._data: dict[str, Any] | None = None
         # JSON text at load time (None: absent) of every key this request may have changed.
@@ -54,6 +68,7 @@ class Session(MutableMapping[str, Any]):
         self._id: str | None = None
         self._loaded_id: str | None = None
         self._expires: float | None = None
+        self._created: int | None = None
         self._new = True
         self._saved = False
 
@@ -67,7 +82,7 @@ class Session(MutableMapping[str, Any]):
         """The data, loaded on first use."""
         data = self._data
         if data is None:
-            self._loaded_id, data, self._expires = self._load()
+            self._loaded_id, data, self._expires, self._created = Loaded(*self._load())
             self._id, self._new, self._data = self._loaded_id, self._loaded_id is None, data
         return data
 
@@ -155,7 +170,7 @@ class Session(MutableMapping[str, Any]):
         """End the session: it is deleted from the store and its cookie expired. Call it at logout."""
         self._loaded().clear()
         self._before.clear()
-        self._id, self._new = None, True
+        self._id, self._new, self._created = None, True, None
         self._warn_if_saved()
 
     def changes(self) -> Changes:
