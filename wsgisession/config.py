@@ -105,11 +105,12 @@ class Settings:
             raise ConfigError(f"SESSION_COOKIE_NAME {self.cookie_name!r} is not a valid cookie name")
         if not self.cookie_path.startswith("/"):
             raise ConfigError("SESSION_COOKIE_PATH must start with /")
-        if self.cookie_name.startswith(("__Host-", "__Secure-")) and self.cookie_secure is not True:
+        prefix = self.cookie_name.lower()  # browsers match the prefixes case-insensitively
+        if prefix.startswith(("__host-", "__secure-")) and self.cookie_secure is not True:
             raise ConfigError(
                 f"a cookie named {self.cookie_name} needs SESSION_COOKIE_SECURE=true (browsers require it)"
             )
-        if self.cookie_name.startswith("__Host-") and (self.cookie_path != "/" or self.cookie_domain):
+        if prefix.startswith("__host-") and (self.cookie_path != "/" or self.cookie_domain):
             raise ConfigError(
                 f"a cookie named {self.cookie_name} needs SESSION_COOKIE_PATH=/ and no SESSION_COOKIE_DOMAIN"
             )

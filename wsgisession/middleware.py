@@ -126,13 +126,14 @@ class SessionMiddleware:
         """Write what the request changed and return the headers that go with it."""
         loaded_id, data, store = session._loaded_id, session._loaded(), self.store
         if loaded_id is None or session._id != loaded_id:  # a new record is needed
+            encoded = self._encode_within_limit(data)  # before anything is deleted
             if loaded_id is not None:
                 store.delete(store_key(loaded_id))
             if not data:
                 return [self.expired_cookie(environ)] if had_cookie else []
             session_id = session.id
             created = session._created or int(time.time())  # regenerate() keeps the lifetime
-            store.create(store_key(session_id), self._encode_within_limit(data), self.ttl(created))
+            store.create(store_key(session_id), encoded, self.ttl(created))
             session._created = created
             return [self.cookie(environ, session_id, created)]
         key, created = store_key(loaded_id), session._created or 0

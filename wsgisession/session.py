@@ -15,6 +15,7 @@ log = logging.getLogger("wsgisession")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _IMMUTABLE = (str, int, float, bool, type(None))
+MAX_DEPTH = 100  # levels of nested lists and dicts in one value
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
 
 
@@ -39,9 +40,23 @@ class SessionTooLarge(SessionValueError):
 def encode(key: str, value: Any) -> str:
     """The JSON text of one session value, or :class:`SessionValueError` naming ``key``."""
     try:
+        if isinstance(value, (dict, list, tuple)):
+            _check_container(value, MAX_DEPTH)
         return _storable(_encoder.encode(value))
     except (TypeError, ValueError) as exc:
         raise SessionValueError(f"session[{key!r}] cannot be stored as JSON: {exc}") from None
+
+
+def _check_container(value: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> None:
+    """Refuse what JSON would silently change (a non-str key becomes a str) or what nests too deep."""
+    if depth == 0:
+        raise ValueError(f"it nests deeper than {MAX_DEPTH} levels")
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+        raise TypeError("its dicts may only have str keys")
+    for item in items:
+        if isinstance(item, (dict, list, tuple)):
+            _check_container(item, depth - 1)
 
 
 def _storable(text: str) -> str:

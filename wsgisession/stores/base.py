@@ -98,7 +98,7 @@ def decode_record(raw: Any, expires: float, source: str) -> Record | None:
     """Decode a stored JSON object (or take one a driver decoded), or log and return None."""
     try:
         data = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except ValueError:
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
         log.warning("Ignoring a malformed session record in %s", source)

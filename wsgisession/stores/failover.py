@@ -51,6 +51,7 @@ class FailoverStore(SessionStore):
         self._stale: set[str] = set()  # changed while the cache was away: its copies are out of date
         self._unsynced: dict[str, bool] = {}  # changed while the durable store was away: True written, False deleted
         self._gate = _Gate()
+        self._state_lock = threading.Lock()
         self._probe = Periodic("wsgisession-probe", probe_interval, self._check)
         ref = weakref.ref(self)
 
@@ -95,10 +96,12 @@ class FailoverStore(SessionStore):
             if not self._on_cache(lambda c: c.create(key, encode_values(record.data), record.expires - now())):
                 return
             try:
-                gone = self.durable.load(key) is None
+                current = self.durable.load(key)
             except StoreError:
-                gone = True  # cannot tell: keep no copy that might outlive a logout
-            if gone:  # deleted meanwhile (a logout): the copy must not log anyone in
+                current = None  # cannot tell: keep no copy that might be out of date
+            if current is None or current.data != record.data:
+                # Deleted meanwhile (a logout), or changed by another request: drop the copy,
+                # the next read fills it again.
                 self._on_cache(lambda c: c.delete(key))
 
     # -- writes --------------------------------------------------------------------------
@@ -141,6 +144,7 @@ class FailoverStore(SessionStore):
             if not durable_ok:
                 self._unsynced[key] = written
                 return cache_result
+            self._unsynced.pop(key, None)  # the durable store has it now
             if cache_ok and result is False and cache_result is True:
                 self._on_cache(lambda c: c.delete(key))  # the durable store says it is gone (a logout)
             return result
@@ -166,17 +170,21 @@ class FailoverStore(SessionStore):
         self.durable.close()
 
     def _cache_failed(self, exc: StoreError) -> None:
-        if self._cache != DOWN:
+        with self._state_lock:
+            if self._cache == DOWN:
+                return
             self._cache = DOWN
-            log.warning("%s unavailable, falling back to %s (%s)", self.cache.name, self.durable.name, exc)
-            self._say_if_both_down()
+        log.warning("%s unavailable, falling back to %s (%s)", self.cache.name, self.durable.name, exc)
+        self._say_if_both_down()
 
     def _durable_failed(self, exc: StoreError) -> None:
-        if self._durable_up:
+        with self._state_lock:
+            if not self._durable_up:
+                return
             self._durable_up = False
-            log.warning("%s unavailable, keeping sessions in %s until it is back (%s)", self.durable.name,
-                        self.cache.name, exc)  # fmt: skip
-            self._say_if_both_down()
+        log.warning("%s unavailable, keeping sessions in %s until it is back (%s)", self.durable.name,
+                    self.cache.name, exc)  # fmt: skip
+        self._say_if_both_down()
 
     def _say_if_both_down(self) -> None:
         if self._cache == DOWN and not self._durable_up:
@@ -193,15 +201,23 @@ class FailoverStore(SessionStore):
             self._durable_returns()
 
     def _cache_returns(self) -> None:
+        # Ping before holding writes back: a hung cache must not stall every write for a timeout.
+        if not self._answers(self.cache):
+            return
         if self._cache == DOWN:
             with self._gate.switch():
-                if self._on_cache(lambda c: c.ping()) and self._drop_stale():
+                try:
+                    synced = not self._durable_up or self._sync_durable() is not None
+                except StoreError as exc:
+                    self._durable_failed(exc)
+                    synced = True
+                if synced and self._drop_stale():
                     # Writes reach the cache again, reads not yet: other processes may still
                     # hold copies they wrote while it was away, and drop them within a probe.
                     self._cache, self._returning_since = RETURNING, time.monotonic()
         elif time.monotonic() - self._returning_since >= 2 * self.probe_interval:
             with self._gate.switch():
-                if self._on_cache(lambda c: c.ping()) and self._drop_stale():
+                if self._drop_stale():
                     self._cache = UP
                     log.info("%s is back, using %s for session storage", self.cache.name, self.cache.name)
 
@@ -217,28 +233,49 @@ class FailoverStore(SessionStore):
         return True
 
     def _durable_returns(self) -> None:
+        try:
+            self.durable.setup()  # it may never have been reached before
+        except StoreError:
+            return
         with self._gate.switch():
             try:
-                self.durable.setup()  # it may never have been reached before
                 copied = self._sync_durable()
             except StoreError:
                 return
             self._durable_up = True
-        log.info("%s is back: %d sessions copied to it from %s", self.durable.name, copied, self.cache.name)
+        if copied is None:
+            log.warning("%s is back; %d sessions changed meanwhile stay newer in %s until it answers",
+                        self.durable.name, len(self._unsynced), self.cache.name)  # fmt: skip
+        else:
+            log.info("%s is back: %d sessions copied to it from %s", self.durable.name, copied, self.cache.name)
 
-    def _sync_durable(self) -> int:
-        """Write to the durable store what changed in the cache while it was away."""
+    def _sync_durable(self) -> int | None:
+        """Copy to the durable store what changed in the cache while it was away; return how many.
+
+        Returns None when the cache cannot be read (what is left stays noted, and is copied
+        when the cache returns); a failure of the durable store raises :class:`StoreError`.
+        """
         copied = 0
-        while self._unsynced:
-            key, written = next(iter(self._unsynced.items()))
-            record = self.cache.load(key) if written else None
-            if record is None:
-                self.durable.delete(key)
-            else:
+        for key, written in list(self._unsynced.items()):
+            try:
+                record = self.cache.load(key) if written else None
+            except StoreError:
+                return None
+            if record is not None:
                 self.durable.create(key, encode_values(record.data), record.expires - now())
                 copied += 1
+            elif not written:
+                self.durable.delete(key)
+            # written, but the cache lost it (restarted empty): the durable copy is all there is
             del self._unsynced[key]
         return copied
+
+    def _answers(self, store: SessionStore) -> bool:
+        try:
+            store.ping()
+            return True
+        except StoreError:
+            return False
 
     def _on_cache(self, operation: Callable[[SessionStore], Any]) -> bool:
         """Run ``operation`` on the cache; on failure, mark it down and return False."""

@@ -26,7 +26,7 @@ class MemoryStore(SessionStore):
             data, expires = entry
         try:
             return Record({k: json.loads(v) for k, v in data.items()}, expires)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("Ignoring a malformed session record in memory")
             return None
 

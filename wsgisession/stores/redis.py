@@ -61,7 +61,7 @@ class RedisStore(SessionStore):
         try:
             fields, pttl = pipe.execute()
             data = {k.decode(): json.loads(v) for k, v in fields.items()}
-        except (redis.ResponseError, ValueError):
+        except (redis.ResponseError, ValueError, RecursionError):
             log.warning("Ignoring a malformed session record in Redis")
             return None
         except redis.RedisError as exc:

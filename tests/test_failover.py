@@ -1,0 +1,587 @@
+"""FailoverStore in one process: Redis serves, PostgreSQL keeps a durable copy, and either may go away.
+
+Every test uses a private redis-server (killed, paused, flushed at will) and either a private
+table on the shared PostgreSQL or, where PostgreSQL itself goes down, a private cluster
+(pg_server.py). Where the point is what a user sees, requests go through SessionMiddleware
+and a small demo app (the routes of examples/raw_wsgi.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import parse_qs
+
+import pytest
+import redis
+from pg_server import PostgresServer
+from servers import SECRET, RedisServer, drop_table, require_postgres, unique
+from werkzeug.test import create_environ, run_wsgi_app
+
+from wsgisession import Session, SessionMiddleware
+from wsgisession.signing import Signer, store_key
+from wsgisession.stores.base import Changes
+from wsgisession.stores.failover import FailoverStore
+from wsgisession.stores.postgres import PostgresStore
+from wsgisession.stores.redis import RedisStore
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+PROBE = 0.2  # probe interval, s
+TIMEOUT = 0.3  # Redis socket timeouts, s
+WAIT = 10.0  # the longest any wait for a switch may take before the test fails
+
+DOWN_LINE = "Redis unavailable, falling back to PostgreSQL"
+BACK_LINE = "Redis is back, using Redis for session storage"
+PG_DOWN_LINE = "PostgreSQL unavailable, keeping sessions in Redis until it is back"
+PG_BACK_LINE = "PostgreSQL is back: "
+BOTH_LINE = "Redis and PostgreSQL are both unavailable"
+
+
+# -- the demo app and an in-process browser --------------------------------------------------
+
+
+def demo(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """The routes of examples/raw_wsgi.py, plus ``POST /set`` (form k, v) to set one key."""
+    session: Session = environ["session"]
+    route = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+    form = {k: v[0] for k, v in parse_qs(environ["wsgi.input"].read().decode()).items()}
+    if route == ("GET", "/api/session"):
+        body = json.dumps({"user": session.get("user"), "count": session.get("count", 0), **dict(session)}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        return [body]
+    if route == ("POST", "/login"):
+        session.regenerate()
+        session["user"] = form["username"]
+    elif route == ("POST", "/counter"):
+        session["count"] = session.get("count", 0) + 1
+    elif route == ("POST", "/set"):
+        session[form["k"]] = form["v"]
+    elif route == ("POST", "/logout"):
+        session.invalidate()
+    else:
+        start_response("404 Not Found", [("Content-Length", "0")])
+        return [b""]
+    start_response("303 See Other", [("Location", "/"), ("Content-Length", "0")])
+    return [b""]
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes
+    set_cookie: str | None
+    seconds: float
+
+
+class Browser:
+    """One user: a cookie jar of one cookie, requests straight into the WSGI app."""
+
+    def __init__(self, app: SessionMiddleware, cookie: str | None = None) -> None:
+        self.app = app
+        self.cookie = cookie
+
+    def request(self, method: str, path: str, form: dict[str, str] | None = None) -> Response:
+        body = "&".join(f"{k}={v}" for k, v in (form or {}).items())
+        headers = {"Cookie": self.cookie} if self.cookie else {}
+        environ = create_environ(path, method=method, data=body, headers=headers,
+                                 content_type="application/x-www-form-urlencoded")  # fmt: skip
+        started = time.monotonic()
+        app_iter, status, response_headers = run_wsgi_app(self.app, environ, buffered=True)
+        data = b"".join(app_iter)
+        seconds = time.monotonic() - started
+        set_cookie = response_headers.get("Set-Cookie")
+        if set_cookie is not None:
+            pair = set_cookie.split(";", 1)[0]
+            self.cookie = None if "Max-Age=0" in set_cookie or pair.endswith("=") else pair
+        code = int(status.split()[0])
+        assert code < 500, (method, path, status, data)
+        return Response(code, data, set_cookie, seconds)
+
+    def session(self) -> dict[str, Any]:
+        response = self.request("GET", "/api/session")
+        assert response.status == 200
+        return dict(json.loads(response.body))
+
+    def login(self, name: str) -> None:
+        assert self.request("POST", "/login", {"username": name}).status == 303
+        assert self.cookie is not None
+
+    def counter(self) -> Response:
+        return self.request("POST", "/counter")
+
+    @property
+    def key(self) -> str:
+        """The store key of this browser's session."""
+        assert self.cookie is not None
+        found = Signer([SECRET]).unsign(self.cookie.partition("=")[2])
+        assert found is not None
+        return store_key(found[0])
+
+
+# -- the two backends -----------------------------------------------------------------------
+
+
+class Backends:
+    """A private Redis and a private table in a PostgreSQL; builds FailoverStores ("processes") on them."""
+
+    def __init__(self, redis_server: RedisServer, database_url: str) -> None:
+        self.redis = redis_server
+        self.database_url = database_url
+        self.table = unique("failover")
+        self.prefix = unique("fo") + ":"
+        self.stores: list[FailoverStore] = []
+
+    def store(self) -> FailoverStore:
+        cache = RedisStore(self.redis.url, prefix=self.prefix, timeout=TIMEOUT)
+        durable = PostgresStore(self.database_url, table=self.table, cleanup_interval=0, timeout=1.0)
+        store = FailoverStore(cache, durable, probe_interval=PROBE)
+        self.stores.append(store)
+        return store
+
+    def app(self, store: FailoverStore | None = None) -> SessionMiddleware:
+        return SessionMiddleware(demo, store or self.store(), secret=SECRET)
+
+    def flushall(self) -> None:
+        """FLUSHALL on the private Redis (never on the shared one)."""
+        client = redis.Redis.from_url(self.redis.url)
+        client.flushall()
+        client.close()
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+
+@pytest.fixture
+def shared(private_redis: RedisServer) -> Iterator[Backends]:
+    """The private Redis, and a private table on the shared PostgreSQL."""
+    backends = Backends(private_redis, require_postgres())
+    yield backends
+    backends.close()
+    drop_table(backends.database_url, backends.table)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private(private_redis: RedisServer, private_pg: PostgresServer) -> Iterator[Backends]:
+    """The private Redis, and a private PostgreSQL cluster that the test may stop and start."""
+    backends = Backends(private_redis, private_pg.url)
+    yield backends
+    backends.close()
+
+
+class Log:
+    """The wsgisession log lines of the test so far."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self.caplog = caplog
+
+    def lines(self, start: str) -> list[str]:
+        return [m for r in self.caplog.records if r.name == "wsgisession" and (m := r.getMessage()).startswith(start)]
+
+    def __call__(self, start: str) -> int:
+        """How many lines start with ``start``."""
+        return len(self.lines(start))
+
+
+@pytest.fixture
+def log(caplog: pytest.LogCaptureFixture) -> Log:
+    caplog.set_level(logging.INFO, logger="wsgisession")
+    return Log(caplog)
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> float:
+    """Poll ``condition`` until true; return the seconds it took, or fail the test."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+# -- Redis misses and refills ---------------------------------------------------------------
+
+
+def test_every_write_reaches_both_stores(shared: Backends) -> None:
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    alice.counter()
+    alice.counter()
+    key = alice.key
+    for backend in (store.cache, store.durable):
+        record = backend.load(key)
+        assert record is not None, backend.name
+        assert record.data == {"user": "alice", "count": 2}, backend.name
+    assert alice.request("POST", "/logout").status == 303
+    assert store.cache.load(key) is None
+    assert store.durable.load(key) is None
+
+
+def test_flushed_redis_is_answered_from_postgres_and_refilled(shared: Backends, log: Log) -> None:
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    alice.counter()
+    expires = store.durable.load(alice.key).expires  # type: ignore[union-attr]
+    shared.flushall()
+    assert store.cache.load(alice.key) is None
+
+    assert alice.session()["user"] == "alice"  # from PostgreSQL
+    assert alice.session()["count"] == 1
+    refilled = store.cache.load(alice.key)
+    assert refilled is not None, "Redis was not refilled"
+    assert refilled.data == {"user": "alice", "count": 1}
+    assert abs(refilled.expires - expires) < 5, "the refilled copy does not keep the session's expiry"
+    alice.counter()
+    assert store.cache.load(alice.key).data["count"] == 2  # type: ignore[union-attr]
+    assert store.durable.load(alice.key).data["count"] == 2  # type: ignore[union-attr]
+    assert log(DOWN_LINE) == 0, "a miss is not an outage"
+    assert store.serving_from == "Redis"
+
+
+def test_logout_racing_a_refill_does_not_bring_the_session_back(shared: Backends) -> None:
+    """Step by step: a request misses in Redis and reads PostgreSQL; a logout deletes the session;
+    only then does the first request copy what it read into Redis."""
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    stolen = alice.cookie
+    shared.flushall()
+    read_before_logout = store.durable.load(alice.key)
+    assert read_before_logout is not None
+    key = alice.key
+    assert alice.request("POST", "/logout").status == 303
+    store._refill(key, read_before_logout)  # the slow request finishes its refill now
+
+    assert store.cache.load(key) is None, "the logged-out session was copied back into Redis"
+    assert Browser(alice.app, stolen).session()["user"] is None
+
+
+def test_logout_racing_refills_in_threads_never_resurrects(shared: Backends) -> None:
+    """The same race left to the scheduler: readers that refill, and a logout, start together."""
+    store = shared.store()
+    app = shared.app(store)
+    resurrected = rounds = 0
+    deadline = time.monotonic() + 3
+    while rounds < 40 and time.monotonic() < deadline:
+        rounds += 1
+        alice = Browser(app)
+        alice.login(f"alice{rounds}")
+        stolen, key = alice.cookie, alice.key
+        shared.flushall()
+        barrier = threading.Barrier(4, timeout=WAIT)
+
+        def read(cookie: str | None = stolen, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            Browser(app, cookie).session()
+
+        def logout(alice: Browser = alice, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            alice.request("POST", "/logout")
+
+        threads = [threading.Thread(target=read) for _ in range(3)] + [threading.Thread(target=logout)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        if store.cache.load(key) is not None or Browser(app, stolen).session()["user"] is not None:
+            resurrected += 1
+    assert resurrected == 0, f"{resurrected} of {rounds} logged-out sessions came back"
+
+
+def test_refill_racing_an_update_does_not_serve_the_older_copy(shared: Backends) -> None:
+    """Step by step: a request misses in Redis and reads PostgreSQL; another request changes the
+    session; only then does the first request copy what it read into Redis."""
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    shared.flushall()
+    read_before_update = store.durable.load(alice.key)
+    assert read_before_update is not None
+    alice.counter()  # acknowledged: count 1, in PostgreSQL (and in Redis, refilled by this request)
+    store._refill(alice.key, read_before_update)  # the slow request finishes its refill now
+
+    assert store.durable.load(alice.key).data["count"] == 1  # type: ignore[union-attr]
+    assert alice.session()["count"] == 1, "an acknowledged change was hidden by an older copy refilled into Redis"
+
+
+def test_refill_does_not_undo_a_concurrent_per_key_update(shared: Backends) -> None:
+    """The store contract (update merges per key) holds across a refill: keys set by one request
+    while another refills are kept."""
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    shared.flushall()
+    read_before_update = store.durable.load(alice.key)
+    assert read_before_update is not None
+    assert store.update(alice.key, Changes({"theme": '"dark"'}), 3600)
+    store._refill(alice.key, read_before_update)
+    assert alice.session().get("theme") == "dark"
+
+
+# -- Redis outages ----------------------------------------------------------------------------
+
+
+def test_killed_redis_is_answered_from_postgres_and_used_again_when_back(shared: Backends, log: Log) -> None:
+    store = shared.store()
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    alice.counter()
+    shared.redis.kill()
+
+    for expected in range(2, 7):  # served from PostgreSQL, every one of them
+        assert alice.session() == {"user": "alice", "count": expected - 1}
+        assert alice.counter().status == 303
+    assert alice.session()["count"] == 6
+    assert store.serving_from == "PostgreSQL"
+    assert log(DOWN_LINE) == 1
+
+    restarted = time.monotonic()
+    shared.redis.start()  # same port, empty
+    count = 6
+    while store.serving_from != "Redis" and time.monotonic() - restarted < WAIT:
+        assert alice.session()["count"] == count  # requests go on working on the way back
+        alice.counter()
+        count += 1
+        time.sleep(0.02)
+    back_after = time.monotonic() - restarted
+    assert store.serving_from == "Redis", f"still serving from PostgreSQL {WAIT} s after Redis returned"
+    # Reads must wait two probe intervals, for the other processes to drop their stale copies.
+    assert back_after >= 2 * PROBE, f"reads went back to Redis {back_after:.2f} s after it returned"
+    assert alice.session() == {"user": "alice", "count": count}
+    assert store.cache.load(alice.key).data == {"user": "alice", "count": count}  # type: ignore[union-attr]
+    time.sleep(3 * PROBE)
+    assert log(BACK_LINE) == 1
+    assert log(DOWN_LINE) == 1
+
+
+def test_hung_redis_costs_one_timeout_per_request_in_flight(shared: Backends, log: Log) -> None:
+    """Four users keep clicking while Redis hangs (SIGSTOP): the requests in flight when it hangs
+    wait for the timeout, and no later one does."""
+    store = shared.store()
+    app = shared.app(store)
+    users = [Browser(app) for _ in range(4)]
+    for number, user in enumerate(users):
+        user.login(f"user{number}")
+    slow: list[tuple[str, float]] = []
+    counts = [0] * len(users)
+    wrong: list[str] = []
+    stop = threading.Event()
+
+    def click(number: int) -> None:
+        user, done = users[number], 0
+        while not stop.is_set() and done < 2000:
+            done += 1
+            for method, path in (("GET", "/api/session"), ("POST", "/counter")):
+                try:
+                    response = user.request(method, path)
+                except AssertionError as exc:  # a 5xx
+                    wrong.append(str(exc))
+                    continue
+                if response.seconds >= TIMEOUT:
+                    slow.append((f"{method} {path}", round(response.seconds, 3)))
+                if method == "GET" and json.loads(response.body) != {"user": f"user{number}", "count": counts[number]}:
+                    wrong.append(response.body.decode())
+            counts[number] += 1
+
+    threads = [threading.Thread(target=click, args=(n,)) for n in range(len(users))]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(0.4)
+        shared.redis.pause()
+        time.sleep(2.5)
+    finally:
+        shared.redis.resume()
+    stop.set()
+    for thread in threads:
+        thread.join(WAIT)
+
+    assert log(DOWN_LINE) == 1
+    assert wrong == []
+    assert len(slow) <= len(users), f"{len(slow)} requests waited for the Redis timeout: {slow}"
+    assert [Browser(app, u.cookie).session()["count"] for u in users] == counts
+
+
+def test_no_stale_read_after_redis_hung_while_sessions_changed(shared: Backends, log: Log) -> None:
+    """Two processes (two stores on the same backends). While Redis hangs, both change the session
+    in PostgreSQL only, so Redis keeps its older copy; once it is back, neither ever reads that."""
+    app_a, app_b = shared.app(), shared.app()
+    alice_a = Browser(app_a)
+    alice_a.login("alice")
+    alice_b = Browser(app_b, alice_a.cookie)
+    assert alice_b.session() == {"user": "alice", "count": 0}  # in Redis; B's probe runs too
+    shared.redis.pause()
+    try:
+        for browser in (alice_a, alice_b, alice_a, alice_b, alice_a):
+            assert browser.counter().status == 303
+        # Both notice (the probe of a process without requests too) and read PostgreSQL.
+        wait_until(lambda: log(DOWN_LINE) == 2, "both processes marked Redis down")
+        assert alice_a.session()["count"] == 5
+        assert alice_b.session()["count"] == 5
+    finally:
+        shared.redis.resume()
+
+    stores = [app_a.store, app_b.store]
+    stale: list[int] = []
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:  # until both serve from Redis, and a little longer
+        for browser in (alice_a, alice_b):
+            count = browser.session()["count"]
+            if count != 5:
+                stale.append(count)
+        if all(s.serving_from == "Redis" for s in stores):  # type: ignore[attr-defined]
+            break
+        time.sleep(0.01)
+    for _ in range(20):
+        for browser in (alice_a, alice_b):
+            count = browser.session()["count"]
+            if count != 5:
+                stale.append(count)
+    assert stale == [], "stale counts read after Redis came back"
+    assert all(s.serving_from == "Redis" for s in stores)  # type: ignore[attr-defined]
+    alice_b.counter()
+    assert alice_a.session()["count"] == 6
+
+
+# -- PostgreSQL outages ------------------------------------------------------------------------
+
+
+def test_postgres_down_keeps_sessions_in_redis_and_copies_them_back(
+    private: Backends, private_pg: PostgresServer, log: Log
+) -> None:
+    store = private.store()
+    app = private.app(store)
+    alice, carol = Browser(app), Browser(app)
+    alice.login("alice")
+    carol.login("carol")
+    alice.counter()
+    carol_key = carol.key
+    private_pg.stop()
+
+    alice.counter()
+    alice.counter()
+    assert alice.session() == {"user": "alice", "count": 3}
+    bob = Browser(app)
+    bob.login("bob")  # a new session while PostgreSQL is away
+    assert bob.session()["user"] == "bob"
+    assert carol.request("POST", "/logout").status == 303
+    assert Browser(app, carol.cookie).session()["user"] is None
+    assert log(PG_DOWN_LINE) == 1
+    assert log(DOWN_LINE) == 0
+
+    private_pg.start()
+    wait_until(lambda: log(PG_BACK_LINE) > 0, "PostgreSQL noticed back")
+    assert log.lines(PG_BACK_LINE) == ["PostgreSQL is back: 2 sessions copied to it from Redis"]  # alice, bob
+    durable = store.durable
+    assert durable.load(alice.key).data == {"user": "alice", "count": 3}  # type: ignore[union-attr]
+    assert durable.load(bob.key).data == {"user": "bob"}  # type: ignore[union-attr]
+    assert durable.load(carol_key) is None, "a logout made while PostgreSQL was away came back"
+    # What a user sees: Redis loses everything, PostgreSQL still has the latest.
+    private.flushall()
+    assert alice.session() == {"user": "alice", "count": 3}
+    assert bob.session()["user"] == "bob"
+
+
+# -- both down -----------------------------------------------------------------------------------
+
+
+def assert_empty_unsaved(browser: Browser) -> None:
+    """While nothing can be loaded: an empty session, the cookie left alone, no 5xx."""
+    cookie = browser.cookie
+    response = browser.request("GET", "/api/session")
+    assert response.status == 200
+    assert json.loads(response.body) == {"user": None, "count": 0}
+    assert response.set_cookie is None
+    response = browser.counter()
+    assert response.status == 303
+    assert response.set_cookie is None, "a session that could not be loaded was replaced"
+    assert browser.cookie == cookie
+
+
+def test_both_down_answers_with_an_empty_session_and_keeps_the_user_logged_in(
+    private: Backends, private_pg: PostgresServer, log: Log
+) -> None:
+    store = private.store()
+    app = private.app(store)
+    alice = Browser(app)
+    alice.login("alice")
+    alice.counter()
+    private.redis.kill()
+    assert alice.session() == {"user": "alice", "count": 1}  # from PostgreSQL
+    private_pg.stop()
+
+    for _ in range(5):
+        assert_empty_unsaved(alice)
+    stranger = Browser(app)
+    assert stranger.request("POST", "/login", {"username": "mallory"}).status == 303  # nothing can be saved
+    assert stranger.cookie is None
+    assert log(BOTH_LINE) == 1
+    time.sleep(3 * PROBE)  # the probe keeps failing: still one line
+    assert log(BOTH_LINE) == 1
+
+    private_pg.start()
+    private.redis.start()
+    wait_until(lambda: store.serving_from == "Redis", "back to Redis")
+    assert alice.session() == {"user": "alice", "count": 1}
+    alice.counter()
+    assert alice.session() == {"user": "alice", "count": 2}
+    assert log(BOTH_LINE) == 1
+
+
+def test_postgres_back_while_redis_is_still_down_serves_sessions_again(
+    private: Backends, private_pg: PostgresServer, log: Log
+) -> None:
+    """PostgreSQL goes first (the change is kept in Redis), then Redis dies too. PostgreSQL returns:
+    its copy is older than the one Redis lost, but it is the session, and the user is logged in."""
+    store = private.store()
+    app = private.app(store)
+    alice = Browser(app)
+    alice.login("alice")
+    alice.counter()
+    private_pg.stop()
+    alice.counter()  # in Redis only
+    private.redis.kill()
+    assert_empty_unsaved(alice)
+    assert log(BOTH_LINE) == 1
+
+    private_pg.start()
+    try:
+        wait_until(lambda: alice.session()["user"] == "alice", "logged in again from PostgreSQL", timeout=10 * PROBE)
+    finally:
+        private.redis.start()
+    assert alice.session()["count"] >= 1
+
+
+def test_session_lost_by_redis_while_postgres_was_away_is_not_deleted_from_postgres(
+    private: Backends, private_pg: PostgresServer, log: Log
+) -> None:
+    """PostgreSQL goes away; a change lands in Redis only; Redis restarts empty. When PostgreSQL is
+    back, the change is lost (both copies were unreachable), but the session must not be: its
+    older copy in PostgreSQL is all there is."""
+    store = private.store()
+    app = private.app(store)
+    alice = Browser(app)
+    alice.login("alice")
+    alice.counter()
+    private_pg.stop()
+    alice.counter()  # in Redis only
+    private.redis.kill()
+    private.redis.start()  # empty
+    private_pg.start()
+    wait_until(lambda: log(PG_BACK_LINE) > 0 and store.serving_from == "Redis", "both back")
+    assert alice.session()["user"] == "alice", "the user was logged out after both stores came back"
