@@ -12,11 +12,14 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .stores.base import SessionStore, StoreError
 from .stores.sql import TABLE_NAME
+
+if TYPE_CHECKING:
+    from .stores.express import ExpressDocument
 
 log = logging.getLogger("wsgisession")
 
@@ -46,6 +49,7 @@ class Settings:
     cookie_secure: bool | None = None  # None: Secure when the request came over https
     cookie_samesite: str = "Lax"
     fail_on_store_error: bool = False
+    format: str = "native"
     store: str | None = None
     redis_url: str | None = dataclasses.field(default=None, repr=False)
     database_url: str | None = dataclasses.field(default=None, repr=False)
@@ -74,6 +78,9 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "cookie_samesite" in values:
             values["cookie_samesite"] = _samesite(values["cookie_samesite"])
+        if values.get("format") == "express":  # express-session's and connect-pg-simple's names
+            values.setdefault("cookie_name", "connect.sid")
+            values.setdefault("table", "session")
         if "secrets" not in values:
             raise ConfigError(f"SESSION_SECRET is not set. Set it to a long random string, for example: {_GENERATE}")
         settings = cls(**values)
@@ -114,6 +121,8 @@ class Settings:
             raise ConfigError(
                 f"a cookie named {self.cookie_name} needs SESSION_COOKIE_PATH=/ and no SESSION_COOKIE_DOMAIN"
             )
+        if self.format not in ("native", "express"):
+            raise ConfigError(f"SESSION_FORMAT must be native or express, not {self.format!r}")
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
         if not TABLE_NAME.fullmatch(self.table):
@@ -156,6 +165,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "cookie_secure": ("SESSION_COOKIE_SECURE", _secure),
     "cookie_samesite": ("SESSION_COOKIE_SAMESITE", _samesite),
     "fail_on_store_error": ("SESSION_FAIL_ON_STORE_ERROR", _flag),
+    "format": ("SESSION_FORMAT", str.lower),
     "store": ("SESSION_STORE", str.lower),
     "redis_url": ("REDIS_URL", str),
     "database_url": ("DATABASE_URL", str),
@@ -268,10 +278,14 @@ def _redis(settings: Settings) -> SessionStore:
     if not settings.redis_url:
         raise ConfigError("SESSION_STORE=redis needs REDIS_URL")
     try:
+        from .stores.connect_redis import ConnectRedisStore
         from .stores.redis import RedisStore
     except ImportError:
         raise ConfigError("REDIS_URL is set but redis is not installed: pip install 'wsgisession[redis]'") from None
     try:
+        if settings.format == "express":
+            return ConnectRedisStore(settings.redis_url, document=express_document(settings),
+                                     prefix=settings.redis_prefix, timeout=settings.store_timeout)  # fmt: skip
         return RedisStore(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.store_timeout)
     except ValueError as exc:
         raise ConfigError(f"REDIS_URL {mask_url(settings.redis_url)} is not a Redis URL: {exc}") from None
@@ -283,6 +297,7 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
     try:
         import psycopg2.extensions
 
+        from .stores.connect_pg import ConnectPgStore
         from .stores.postgres import PostgresStore
     except ImportError:
         raise ConfigError(
@@ -295,12 +310,27 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
             f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL "
             "(expected postgresql://user:password@host:port/database)"
         ) from None
-    return PostgresStore(
-        settings.database_url,
-        table=settings.table,
-        cleanup_interval=cleanup_interval,
-        timeout=max(settings.store_timeout, 1.0),
-        create_table=False,  # the caller runs setup(), and decides what a failure means
+    options: dict[str, Any] = {
+        "table": settings.table,
+        "cleanup_interval": cleanup_interval,
+        "timeout": max(settings.store_timeout, 1.0),
+        "create_table": False,  # the caller runs setup(), and decides what a failure means
+    }
+    if settings.format == "express":
+        return ConnectPgStore(settings.database_url, document=express_document(settings), **options)
+    return PostgresStore(settings.database_url, **options)
+
+
+def express_document(settings: Settings) -> ExpressDocument:
+    """The document express-session would store with these cookie settings."""
+    from .stores.express import ExpressDocument
+
+    return ExpressDocument(
+        settings.max_age,
+        path=settings.cookie_path,
+        domain=settings.cookie_domain,
+        secure=True if settings.cookie_secure else None,
+        same_site=settings.cookie_samesite,
     )
 
 

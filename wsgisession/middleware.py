@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.http import dump_cookie
 
 from .config import Settings, create_session_store
-from .session import Loaded, Session, SessionTooLarge, encode
-from .signing import Signer, store_key
+from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode
+from .signing import ExpressSigner, Signer, new_express_id, new_id, store_key
 from .stores.base import SessionStore, StoreError, json_object
 
 if TYPE_CHECKING:
@@ -66,7 +66,11 @@ class SessionMiddleware:
             fail_on_store_error=fail_on_store_error,
         )
         self.store = store if store is not None else create_session_store(self.settings)
-        self.signer = Signer(self.settings.secrets)
+        self.express = self.settings.format == "express"
+        # express-session's cookies and ids, stored under the id itself, as Node.js reads them
+        self.signer: Signer | ExpressSigner = (ExpressSigner if self.express else Signer)(self.settings.secrets)
+        self.new_id = new_express_id if self.express else new_id
+        self.store_key = str if self.express else store_key
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
         self._failures = _RateLimitedLog()
@@ -99,7 +103,7 @@ class SessionMiddleware:
                 values.append(value.strip().strip('"'))
         return values
 
-    def identify(self, values: list[str]) -> tuple[str, int, bool] | None:
+    def identify(self, values: list[str]) -> tuple[str, int | None, bool] | None:
         """The session a request's cookie values name: ``(id, created, signed_with_current_key)``.
 
         Forged and malformed values are ignored. Two genuine values naming different sessions
@@ -114,12 +118,15 @@ class SessionMiddleware:
                 self._tossing.report("Several session cookies name different sessions; none is used")
                 return None
             found = genuine
-        if found is not None and found[1] + self.settings.absolute_timeout <= time.time():
+        if found is not None and found[1] is not None and found[1] + self.settings.absolute_timeout <= time.time():
             return None  # past its absolute lifetime, however active
         return found
 
-    def ttl(self, created: float) -> float:
-        """How long a session created at ``created`` may live from now: idle timeout, capped by the absolute one."""
+    def ttl(self, created: float | None) -> float:
+        """How long a session created at ``created`` may live from now: idle timeout, capped by the
+        absolute one (express-session's cookies carry no creation time, and have none)."""
+        if created is None or self.express:
+            return self.settings.max_age
         return min(self.settings.max_age, created + self.settings.absolute_timeout - time.time())
 
     def save(self, session: Session, environ: WSGIEnvironment, resign: bool, had_cookie: bool) -> Headers:
@@ -128,15 +135,15 @@ class SessionMiddleware:
         if loaded_id is None or session._id != loaded_id:  # a new record is needed
             encoded = self._encode_within_limit(data)  # before anything is deleted
             if loaded_id is not None:
-                store.delete(store_key(loaded_id))
+                store.delete(self.store_key(loaded_id))
             if not data:
                 return [self.expired_cookie(environ)] if had_cookie else []
             session_id = session.id
-            created = session._created or int(time.time())  # regenerate() keeps the lifetime
-            store.create(store_key(session_id), encoded, self.ttl(created))
+            created: int | None = session._created or int(time.time())  # regenerate() keeps the lifetime
+            store.create(self.store_key(session_id), encoded, self.ttl(created))
             session._created = created
             return [self.cookie(environ, session_id, created)]
-        key, created = store_key(loaded_id), session._created or 0
+        key, created = self.store_key(loaded_id), session._created
         if not data:
             store.delete(key)
             return [self.expired_cookie(environ)]
@@ -154,6 +161,8 @@ class SessionMiddleware:
 
     def _encode_within_limit(self, data: dict[str, Any]) -> dict[str, str]:
         """Every value as JSON, or :class:`SessionTooLarge` when together they pass SESSION_MAX_SIZE."""
+        if self.express and "cookie" in data:
+            raise SessionValueError("session['cookie'] is express-session's own: use another key")
         encoded = {k: encode(k, v) for k, v in data.items()}
         size = len(json_object(encoded).encode())
         if size > self.settings.max_size:
@@ -163,7 +172,7 @@ class SessionMiddleware:
             )
         return encoded
 
-    def cookie(self, environ: WSGIEnvironment, session_id: str, created: int) -> tuple[str, str]:
+    def cookie(self, environ: WSGIEnvironment, session_id: str, created: int | None) -> tuple[str, str]:
         """The Set-Cookie header that hands the session to the browser, for as long as it may live."""
         s = self.settings
         max_age = max(1, math.ceil(self.ttl(created)))
@@ -193,7 +202,7 @@ class _Request:
     def __init__(self, middleware: SessionMiddleware, environ: WSGIEnvironment, start_response: StartResponse):
         self.middleware = middleware
         self.environ = environ
-        self.session = Session(self.load)
+        self.session = Session(self.load, middleware.new_id)
         self.failed = False  # the store failed: the session is neither saved nor its cookie changed
         self.resign = False  # the cookie was signed with an older key
         self.had_cookie = False  # the request carried a session cookie, genuine or not
@@ -208,7 +217,7 @@ class _Request:
             return Loaded(None, {})
         session_id, created, current = found
         try:
-            record = self.middleware.store.load(store_key(session_id))
+            record = self.middleware.store.load(self.middleware.store_key(session_id))
         except StoreError as exc:
             self.fail("loading", exc)
             return Loaded(None, {})

@@ -72,11 +72,12 @@ class Session(MutableMapping[str, Any]):
     when loaded, so that the middleware writes only the keys this request changed.
     """
 
-    __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_saved")
+    __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_new_id", "_saved")
 
-    def __init__(self, load: Callable[[], tuple[Any, ...]]) -> None:
-        """``load`` returns the fields of a :class:`Loaded`, called on first use."""
+    def __init__(self, load: Callable[[], tuple[Any, ...]], new_id: Callable[[], str] = new_id) -> None:
+        """``load`` returns the fields of a :class:`Loaded`, called on first use; ``new_id`` makes ids."""
         self._load = load
+        self._new_id = new_id
         self._data: dict[str, Any] | None = None
         # JSON text at load time (None: absent) of every key this request may have changed.
         self._before: dict[str, str | None] = {}
@@ -151,7 +152,7 @@ class Session(MutableMapping[str, Any]):
         """The session id (the cookie's, or a fresh one for a new session)."""
         self._loaded()
         if self._id is None:
-            self._id = new_id()
+            self._id = self._new_id()
         return self._id
 
     @property
@@ -178,7 +179,7 @@ class Session(MutableMapping[str, Any]):
     def regenerate(self) -> None:
         """Give the session a fresh id, keeping its data; the old id stops working. Call it at login."""
         self._loaded()
-        self._id = new_id()
+        self._id = self._new_id()
         self._warn_if_saved()
 
     def invalidate(self) -> None:

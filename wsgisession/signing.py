@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Sequence
+from urllib.parse import quote, unquote
 
 ID_BYTES = 32  # 256 bits of entropy
 ID_LENGTH = 43  # len(secrets.token_urlsafe(32))
@@ -19,6 +21,11 @@ _SHORTEST, _LONGEST = ID_LENGTH + 3 + SIGNATURE_LENGTH, ID_LENGTH + 14 + SIGNATU
 def new_id() -> str:
     """A fresh, unguessable session id."""
     return secrets.token_urlsafe(ID_BYTES)
+
+
+def new_express_id() -> str:
+    """A session id as express-session makes them (uid-safe: 24 random bytes, 32 characters)."""
+    return secrets.token_urlsafe(24)
 
 
 def store_key(session_id: str) -> str:
@@ -45,12 +52,14 @@ class Signer:
     def __repr__(self) -> str:
         return f"<Signer with {len(self._keys)} key(s)>"
 
-    def sign(self, session_id: str, created: int) -> str:
+    def sign(self, session_id: str, created: int | None) -> str:
         """The cookie value for the session ``session_id`` created at ``created`` (Unix seconds)."""
+        if created is None:
+            raise ValueError("this cookie format needs the session's creation time")
         payload = f"{session_id}.{created}"
         return f"{payload}.{self._signature(self._keys[0], payload)}"
 
-    def unsign(self, value: str) -> tuple[str, int, bool] | None:
+    def unsign(self, value: str) -> tuple[str, int | None, bool] | None:
         """Return ``(id, created, signed_with_current_key)`` for a genuine cookie value, else None.
 
         Anything of the wrong length, shape or alphabet is refused before any HMAC is computed.
@@ -70,3 +79,49 @@ class Signer:
     def _signature(key: bytes, payload: str) -> str:
         digest = hmac.digest(key, payload.encode(), "sha256")
         return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+_EXPRESS_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
+
+
+class ExpressSigner:
+    """Signs ids exactly as express-session does (its cookie-signature module), so that one
+    cookie logs a user in on a Node.js application and on this one.
+
+    The value is ``s:`` + id + ``.`` + the HMAC-SHA256 of the id keyed with the secret itself,
+    in standard base64 without ``=`` padding, URL-encoded as ``encodeURIComponent`` does.
+    Such a cookie carries no creation time: this format has no absolute lifetime.
+    """
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        if not secrets:
+            raise ValueError("at least one secret is needed")
+        self._keys = [s.encode() for s in secrets]
+
+    def __repr__(self) -> str:
+        return f"<ExpressSigner with {len(self._keys)} key(s)>"
+
+    def sign(self, session_id: str, created: int | None = None) -> str:
+        """The (URL-encoded) cookie value for ``session_id``."""
+        return quote(f"s:{session_id}.{self._signature(self._keys[0], session_id)}", safe="-_.!~*'()")
+
+    def unsign(self, value: str) -> tuple[str, int | None, bool] | None:
+        """Return ``(id, None, signed_with_current_key)`` for a genuine cookie value, else None."""
+        if len(value) > 512:
+            return None
+        value = unquote(value)
+        if not value.startswith("s:") or not value.isascii():
+            return None
+        session_id, _, signature = value[2:].rpartition(".")
+        if not _EXPRESS_ID.fullmatch(session_id):
+            return None
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(signature, self._signature(key, session_id)):
+                return session_id, None, index == 0
+        return None
+
+    @staticmethod
+    def _signature(key: bytes, session_id: str) -> str:
+        return base64.b64encode(hmac.digest(key, session_id.encode(), "sha256")).rstrip(b"=").decode()

@@ -34,10 +34,7 @@ class PostgresStore(SQLStore):
         self.dsn = dsn
         super().__init__(table, cleanup_interval, pool_size, timeout)
         self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
-        self._sql_merge = (
-            f"UPDATE {table} SET data = (data - %s::text[]) || %s::jsonb, expires_at = to_timestamp(%s) "
-            "WHERE id = %s AND expires_at > to_timestamp(%s)"
-        )
+        self._sql_merge = self._merge_sql()
         if create_table:
             self.setup()
 
@@ -58,8 +55,18 @@ class PostgresStore(SQLStore):
         conn.autocommit = True
         return conn
 
+    def _merge_sql(self) -> str:
+        """One statement that merges per-key changes into a live row (jsonb operators)."""
+        return (
+            f"UPDATE {self.table} SET data = (data - %s::text[]) || %s::jsonb, expires_at = to_timestamp(%s) "
+            "WHERE id = %s AND expires_at > to_timestamp(%s)"
+        )
+
+    def _merge_params(self, key: str, changes: Changes, expires: float) -> tuple[Any, ...]:
+        return (list(changes.deleted), json_object(changes.set), expires, key, now())
+
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
-        cur.execute(self._sql_merge, (list(changes.deleted), json_object(changes.set), expires, key, now()))
+        cur.execute(self._sql_merge, self._merge_params(key, changes, expires))
         return bool(cur.rowcount)
 
     def _claim_cleanup(self, cur: Any) -> bool:

@@ -74,17 +74,17 @@ class RedisStore(SessionStore):
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(self.prefix + key)
         pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
-        pipe.pexpire(self.prefix + key, _ms(ttl))
+        pipe.pexpire(self.prefix + key, milliseconds(ttl))
         self._run(pipe.execute)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
-        args: list[Any] = [_ms(ttl), len(changes.deleted), *changes.deleted]
+        args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
         return bool(self._run(self._update, keys=[self.prefix + key], args=args))
 
     def touch(self, key: str, ttl: float) -> bool:
-        return bool(self._run(self.client.pexpire, self.prefix + key, _ms(ttl)))
+        return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))
 
     def delete(self, key: str) -> None:
         self._run(self.client.delete, self.prefix + key)
@@ -104,5 +104,6 @@ class RedisStore(SessionStore):
             raise StoreError(f"Redis: {exc}") from exc
 
 
-def _ms(seconds: float) -> int:
+def milliseconds(seconds: float) -> int:
+    """A TTL in whole milliseconds, at least 1 (Redis refuses 0)."""
     return max(1, round(seconds * 1000))

@@ -70,6 +70,7 @@ class SQLStore(SessionStore):
     """Sessions as rows ``(id, data, expires_at)`` of one table, with a cleanup thread."""
 
     param = "?"
+    columns = ("id", "data", "expires_at")
     data_type = "TEXT"
     time_type = "REAL"
     table_options = ""
@@ -86,16 +87,16 @@ class SQLStore(SessionStore):
         self._lock = threading.Lock()
         self._cleaner = Periodic("wsgisession-cleanup", cleanup_interval, self._clean)
         ts, p, t = self.timestamp(self.param), self.param, table
-        self._sql_load = f"SELECT data, {self.epoch('expires_at')} FROM {t} WHERE id = {p} AND expires_at > {ts}"
+        i, d, e = self.columns
+        self._sql_load = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p} AND {e} > {ts}"
         self._sql_create = (
-            f"INSERT INTO {t} (id, data, expires_at) VALUES ({p}, {p}, {ts}) "
-            "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at"
+            f"INSERT INTO {t} ({i}, {d}, {e}) VALUES ({p}, {p}, {ts}) "
+            f"ON CONFLICT ({i}) DO UPDATE SET {d} = excluded.{d}, {e} = excluded.{e}"
         )
-        self._sql_touch = f"UPDATE {t} SET expires_at = {ts} WHERE id = {p} AND expires_at > {ts}"
-        self._sql_delete = f"DELETE FROM {t} WHERE id = {p}"
-        self._sql_cleanup = (
-            f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE expires_at <= {ts} LIMIT {CLEANUP_BATCH})"
-        )
+        self._sql_touch = f"UPDATE {t} SET {e} = {ts} WHERE {i} = {p} AND {e} > {ts}"
+        self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
+        batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
+        self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
         self._forget_after_fork()
 
     # -- dialect ---------------------------------------------------------------------
@@ -127,6 +128,14 @@ class SQLStore(SessionStore):
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         """Apply ``changes`` to a live row in one atomic step; False when there is none."""
 
+    def _document(self, data: Mapping[str, str], expires: float) -> str:
+        """The stored form of a session's JSON-encoded values."""
+        return json_object(data)
+
+    def _record(self, raw: Any, expires: float) -> Record | None:
+        """A stored document read back, or None (logged) when it is malformed."""
+        return decode_record(raw, expires, f"table {self.table}")
+
     def _claim_cleanup(self, cur: Any) -> bool:
         """Whether this process may delete the next batch (one cleaner at a time)."""
         return True
@@ -137,11 +146,12 @@ class SQLStore(SessionStore):
         with self._cursor() as cur:
             cur.execute(self._sql_load, (key, now()))
             row = cur.fetchone()
-        return None if row is None else decode_record(row[0], float(row[1]), f"table {self.table}")
+        return None if row is None else self._record(row[0], float(row[1]))
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._cursor() as cur:
-            cur.execute(self._sql_create, (key, json_object(data), now() + ttl))
+            expires = now() + ttl
+            cur.execute(self._sql_create, (key, self._document(data, expires), expires))
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         with self._cursor() as cur:

@@ -1,0 +1,76 @@
+"""Sessions in Redis as connect-redis keeps them, for sharing with an Express application."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import redis
+
+from .base import Changes, Record, StoreError, encode_values, now
+from .express import ExpressDocument
+from .redis import RedisStore, milliseconds
+
+CAS_ATTEMPTS = 10
+
+
+class ConnectRedisStore(RedisStore):
+    """``<prefix><id>`` holds the session's express-session document as a JSON string, with a TTL.
+
+    The document cannot be merged by Redis itself, so an update is a compare-and-set
+    (WATCH, read, merge, MULTI/SET), retried when another request wrote in between.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        document: ExpressDocument,
+        client: redis.Redis | None = None,
+        prefix: str = "sess:",
+        timeout: float = 1.0,
+    ) -> None:
+        super().__init__(url, client=client, prefix=prefix, timeout=timeout)
+        self.document = document
+
+    def load(self, key: str) -> Record | None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.prefix + key)
+        pipe.pttl(self.prefix + key)
+        try:
+            raw, pttl = pipe.execute()
+        except redis.ResponseError:
+            raw = b"not a string"
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        if raw is None:
+            return None
+        return self.document.load(raw, now() + max(pttl, 0) / 1000, "Redis")
+
+    def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
+        self._run(self.client.set, self.prefix + key, self.document.dump(data, now() + ttl), px=milliseconds(ttl))
+
+    def update(self, key: str, changes: Changes, ttl: float) -> bool:
+        name = self.prefix + key
+        try:
+            with self.client.pipeline() as pipe:
+                for _ in range(CAS_ATTEMPTS):
+                    try:
+                        pipe.watch(name)  # type: ignore[no-untyped-call]
+                        raw = pipe.get(name)
+                        record = None if raw is None else self.document.load(raw, 0, "Redis")
+                        if record is None:
+                            return False  # gone (a logout, or expiry): not brought back
+                        for k in changes.deleted:
+                            record.data.pop(k, None)
+                        record.data.update((k, json.loads(v)) for k, v in changes.set.items())
+                        document = self.document.dump(encode_values(record.data), now() + ttl)
+                        pipe.multi()
+                        pipe.set(name, document, px=milliseconds(ttl))
+                        pipe.execute()
+                        return True
+                    except redis.WatchError:
+                        continue  # another request wrote in between: merge onto what it wrote
+        except redis.RedisError as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")
