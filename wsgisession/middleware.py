@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("wsgisession")
 
 MAX_COOKIE_HEADER = 8192  # a longer Cookie header is ignored, not parsed
+VERIFIED_CACHE = 4096  # genuine cookie values remembered, per middleware
 _UNAVAILABLE = b"Session store unavailable\n"
 _UNAVAILABLE_HEADERS = (("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_UNAVAILABLE))))
 Headers = list[tuple[str, str]]
@@ -73,6 +74,7 @@ class SessionMiddleware:
         self.store_key = str if self.express else store_key
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
+        self._verified: dict[str, tuple[str, int | None, bool]] = {}
         self._failures = _RateLimitedLog()
         self._tossing = _RateLimitedLog()
 
@@ -111,7 +113,7 @@ class SessionMiddleware:
         """
         found = None
         for value in values:
-            genuine = self.signer.unsign(value)
+            genuine = self._verify(value)
             if genuine is None or (found is not None and genuine[0] == found[0]):
                 continue
             if found is not None:
@@ -120,6 +122,18 @@ class SessionMiddleware:
             found = genuine
         if found is not None and found[1] is not None and found[1] + self.settings.absolute_timeout <= time.time():
             return None  # past its absolute lifetime, however active
+        return found
+
+    def _verify(self, value: str) -> tuple[str, int | None, bool] | None:
+        """``signer.unsign(value)``, remembering genuine values: an active user's cookie is
+        checked once, not on every request (the absolute lifetime is checked every time)."""
+        found = self._verified.get(value)
+        if found is None:
+            found = self.signer.unsign(value)
+            if found is not None:
+                if len(self._verified) >= VERIFIED_CACHE:
+                    self._verified.clear()
+                self._verified[value] = found
         return found
 
     def ttl(self, created: float | None) -> float:
@@ -143,18 +157,18 @@ class SessionMiddleware:
             store.create(self.store_key(session_id), encoded, self.ttl(created))
             session._created = created
             return [self.cookie(environ, session_id, created)]
-        key, created = self.store_key(loaded_id), session._created
+        created = session._created
         if not data:
-            store.delete(key)
+            store.delete(self.store_key(loaded_id))
             return [self.expired_cookie(environ)]
         changes, ttl = session.changes(), self.ttl(created)
         if changes.set or changes.deleted:
             self._encode_within_limit(data)
-            extended = store.update(key, changes, ttl)
+            extended = store.update(self.store_key(loaded_id), changes, ttl)
         elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
-            extended = store.touch(key, ttl)
+            extended = store.touch(self.store_key(loaded_id), ttl)
         else:
-            return []
+            return []  # an unchanged read: nothing to write, no cookie
         # A session deleted meanwhile (a logout, or a login's regenerate() in another request)
         # stays deleted; no cookie either, so this response cannot undo the other's cookie.
         return [self.cookie(environ, loaded_id, created)] if extended else []

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterator, MutableMapping
+from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
 from .signing import new_id
@@ -15,6 +16,7 @@ log = logging.getLogger("wsgisession")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 _IMMUTABLE = (str, int, float, bool, type(None))
+_SCALARS = {None: "null", True: "true", False: "false"}
 MAX_DEPTH = 100  # levels of nested lists and dicts in one value
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
 
@@ -39,7 +41,14 @@ class SessionTooLarge(SessionValueError):
 
 def encode(key: str, value: Any) -> str:
     """The JSON text of one session value, or :class:`SessionValueError` naming ``key``."""
+    kind = type(value)
     try:
+        if kind is int:  # the common cases first, without the encoder's overhead
+            return int.__repr__(value)
+        if kind is bool or value is None:
+            return _SCALARS[value]
+        if kind is str:
+            return _storable(encode_basestring(value))
         if isinstance(value, (dict, list, tuple)):
             _check_container(value, MAX_DEPTH)
         return _storable(_encoder.encode(value))

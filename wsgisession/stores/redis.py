@@ -1,16 +1,42 @@
-"""Sessions in Redis: one hash per session, its TTL the session's idle timeout."""
+"""Sessions in Redis: one hash per session, its TTL the session's idle timeout.
+
+The URL picks redis-py's client: ``redis://``, ``rediss://`` and ``unix://`` one server;
+``redis+sentinel://`` the master a set of Sentinels names; ``redis+cluster://`` a Redis
+Cluster (see :func:`client_from_url`). Every key the store touches in one command, pipeline,
+transaction or script is the session's own, so each lands in one hash slot of a cluster.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import threading
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .base import Changes, Record, SessionStore, StoreError, log, now
+
+#: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
+#: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
+ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+Client = redis.Redis | RedisCluster
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
+SENTINEL_PORT = 26379
+CLUSTER_PORT = 6379
+_TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
 # Apply per-key changes only if the session still exists, then extend its life:
 # one round trip, atomic, so a concurrent logout is never undone.
@@ -34,54 +60,89 @@ class RedisStore(SessionStore):
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
+        client: Client | None = None,
         prefix: str = "sess:",
         timeout: float = 1.0,
     ) -> None:
         self._owns_client = client is None
+        self._client: Client | None = None
+        self._make: Callable[[], Client] | None = None
+        self._lock = threading.Lock()
         if client is None:
             if url is None:
                 raise ValueError("RedisStore needs a url or a client")
-            # Short timeouts, and one immediate reconnect for a connection that went stale
-            # (a restarted server) but no retry of a timeout: a hung server costs one timeout.
-            client = redis.Redis.from_url(
-                url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
-            )
-        self.client = client
+            make, connects = _client_factory(url, timeout)  # a bad URL raises ValueError here
+            if connects:
+                self._make = make  # a cluster client connects when made: at first use, not at start-up
+            else:
+                client = make()
+        if client is not None:
+            self.client = client
         self.prefix = prefix
+        ref = weakref.ref(self)
+
+        def reset() -> None:
+            store = ref()
+            if store is not None:
+                store._lock = threading.Lock()  # it may have been held by a thread the fork left behind
+
+        os.register_at_fork(after_in_child=reset)
+
+    @property
+    def client(self) -> Client:
+        """redis-py's client; for a cluster, made (and connected) on first use."""
+        client = self._client
+        if client is None:
+            with self._lock:
+                if self._client is None:
+                    assert self._make is not None
+                    self.client = self._run(self._make)
+                client = self._client
+                assert client is not None
+        return client
+
+    @client.setter
+    def client(self, client: Client) -> None:
         self._update = client.register_script(_UPDATE)
+        self._client = client
 
     def load(self, key: str) -> Record | None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(self.prefix + key)
-        pipe.pttl(self.prefix + key)
         try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hgetall(self.prefix + key)
+            pipe.pttl(self.prefix + key)
             fields, pttl = pipe.execute()
             data = {k.decode(): json.loads(v) for k, v in fields.items()}
-        except (redis.ResponseError, ValueError, RecursionError):
+        except redis.ResponseError as exc:
+            if not _wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now
+                raise StoreError(f"Redis: {exc}") from exc
             log.warning("Ignoring a malformed session record in Redis")
             return None
-        except redis.RedisError as exc:
+        except (ValueError, RecursionError):
+            log.warning("Ignoring a malformed session record in Redis")
+            return None
+        except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         if not data:
             return None
         return Record(data, now() + max(pttl, 0) / 1000)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(self.prefix + key)
-        pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
-        pipe.pexpire(self.prefix + key, milliseconds(ttl))
-        self._run(pipe.execute)
+        def create() -> Any:
+            pipe = self.client.pipeline(transaction=True)  # one key, so one slot: MULTI works on a cluster
+            pipe.delete(self.prefix + key)
+            pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
+            pipe.pexpire(self.prefix + key, milliseconds(ttl))
+            return pipe.execute()
+
+        self._run(create)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
-        return bool(self._run(self._update, keys=[self.prefix + key], args=args))
+        client = self.client
+        return bool(self._run(self._update, keys=[self.prefix + key], args=args, client=client))
 
     def touch(self, key: str, ttl: float) -> bool:
         return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))
@@ -90,20 +151,197 @@ class RedisStore(SessionStore):
         self._run(self.client.delete, self.prefix + key)
 
     def ping(self) -> None:
-        self._run(self.client.ping)
+        self._run(self.client.ping)  # on a cluster: every node
 
     def close(self) -> None:
-        if self._owns_client:
-            self.client.close()
+        client = self._client
+        if not self._owns_client or client is None:
+            return
+        client.close()
+        pool = getattr(client, "connection_pool", None)
+        if isinstance(pool, SentinelConnectionPool):
+            pool.sentinel_manager.close()  # the connections to the Sentinels themselves
 
     @staticmethod
     def _run(command: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
 
 
 def milliseconds(seconds: float) -> int:
     """A TTL in whole milliseconds, at least 1 (Redis refuses 0)."""
     return max(1, round(seconds * 1000))
+
+
+def _wrong_type(exc: redis.ResponseError) -> bool:
+    """Whether Redis refused a command because the key holds another type (a malformed record)."""
+    message = str(exc)
+    return message.startswith("WRONGTYPE") or "error: WRONGTYPE" in message  # a pipeline prefixes the command
+
+
+# -- URLs --------------------------------------------------------------------------------------
+
+
+def client_from_url(url: str, timeout: float = 1.0) -> Client:
+    """redis-py's client for a ``REDIS_URL``, with short timeouts and one immediate reconnect.
+
+    - ``redis://[user:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix:///path.sock``:
+      :meth:`redis.Redis.from_url`, with all of its query options.
+    - ``redis+sentinel://[user:password@]host[:port][,host2[:port2]...]/service[/db]``: the master
+      of ``service`` as the Sentinels name it (:meth:`redis.sentinel.Sentinel.master_for`), followed
+      through a failover. The user and password are the master's; ``?sentinel_password=`` (and
+      ``sentinel_username=``) authenticate to the Sentinels. Sentinels default to port 26379.
+    - ``redis+cluster://[user:password@]host[:port][,host2[:port2]...]``: a Redis Cluster
+      (:class:`redis.cluster.RedisCluster`) found through any of the listed nodes (port 6379 by default).
+    - ``rediss+sentinel://`` and ``rediss+cluster://``: the same over TLS, to the Sentinels too;
+      ``?ssl_ca_certs=``, ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=`` (required, optional,
+      none) and ``ssl_check_hostname=`` (true, false) tune it.
+
+    A URL that cannot work raises :class:`ValueError` saying why. Making a cluster client
+    connects (redis-py reads the slot map at once); :class:`RedisStore` defers that to first use.
+    """
+    return _client_factory(url, timeout)[0]()
+
+
+def _client_factory(url: str, timeout: float) -> tuple[Callable[[], Client], bool]:
+    """Check ``url``; return what makes its client, and whether making it connects."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    socket_options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if scheme in SENTINEL_SCHEMES:
+        return _sentinel_factory(url, scheme, socket_options), False
+    if scheme in CLUSTER_SCHEMES:
+        return _cluster_factory(url, scheme, socket_options), True
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"unknown scheme {scheme + '://' if scheme else '(none)'}: use redis://, rediss://, unix://, "
+            "redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
+        )
+    # Short timeouts, and one immediate reconnect for a connection that went stale
+    # (a restarted server) but no retry of a timeout: a hung server costs one timeout.
+    client = redis.Redis.from_url(url, retry=_reconnect_once(), **socket_options)
+    return lambda: client, False
+
+
+def _reconnect_once() -> Retry:
+    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+class _Parts:
+    """A multi-host URL taken apart: ``scheme://[user:password@]host:port,host:port/path?query``."""
+
+    def __init__(self, url: str, scheme: str, default_port: int) -> None:
+        rest = url.split("://", 1)[1].split("#", 1)[0]
+        rest, _, query = rest.partition("?")
+        netloc, slash, path = rest.partition("/")
+        self.path = slash + path
+        userinfo, at, hosts = netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        self.username = (unquote(user) or None) if at else None
+        self.password = (unquote(password) or None) if at else None
+        self.hosts = [_host_port(item.strip(), default_port, scheme) for item in hosts.split(",")]
+        self.options = dict(parse_qsl(query, keep_blank_values=True))
+        self.tls = SENTINEL_SCHEMES.get(scheme, False) or CLUSTER_SCHEMES.get(scheme, False)
+
+    def take_options(self, scheme: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """The query options as redis-py keywords; any other option is an error."""
+        allowed = allowed + (_TLS_OPTIONS if self.tls else ())
+        unknown = sorted(set(self.options) - set(allowed))
+        if unknown:
+            tls_hint = "" if self.tls else f" (TLS options need {scheme.replace('redis+', 'rediss+')}://)"
+            raise ValueError(
+                f"unknown option {', '.join(unknown)} in a {scheme}:// URL; known: {', '.join(allowed)}{tls_hint}"
+            )
+        found: dict[str, Any] = {k: v for k, v in self.options.items() if v != ""}
+        if found.get("ssl_cert_reqs", "none") not in ("required", "optional", "none"):
+            raise ValueError("ssl_cert_reqs must be required, optional or none")
+        if "ssl_check_hostname" in found:
+            flag = found["ssl_check_hostname"].lower()
+            if flag not in ("true", "false"):
+                raise ValueError("ssl_check_hostname must be true or false")
+            found["ssl_check_hostname"] = flag == "true"
+        return found
+
+
+def _host_port(item: str, default_port: int, scheme: str) -> tuple[str, int]:
+    example = f"{scheme}://host:{default_port},host2:{default_port}" + ("/mymaster/0" if "sentinel" in scheme else "")
+    if not item:
+        raise ValueError(f"no host (or an empty one in the comma-separated list): expected {example}")
+    if item.startswith("["):  # [IPv6]:port
+        host, bracket, port = item[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            raise ValueError(f"bad host {item!r}: write an IPv6 address as [address]:port")
+        port = port[1:]
+    else:
+        host, _, port = item.partition(":")
+        if ":" in port:
+            raise ValueError(f"bad host {item!r}: write an IPv6 address as [address]:port")
+    if not host:
+        raise ValueError(f"no host name in {item!r}: expected {example}")
+    if not port:
+        return host, default_port
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port {port!r} for host {host}: expected a number from 1 to 65535")
+    return host, int(port)
+
+
+def _sentinel_factory(url: str, scheme: str, socket_options: dict[str, Any]) -> Callable[[], Client]:
+    parts = _Parts(url, scheme, SENTINEL_PORT)
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments:
+        raise ValueError(f"no service name: expected {scheme}://host:{SENTINEL_PORT}[,host2:port]/mymaster[/db]")
+    if len(segments) > 2:
+        raise ValueError(f"too many path parts {parts.path!r}: expected /service[/db]")
+    service, db = unquote(segments[0]), segments[1] if len(segments) == 2 else "0"
+    if not db.isdigit():
+        raise ValueError(f"bad database number {db!r} after the service name: expected /{service}/0")
+    options = parts.take_options(scheme, _SENTINEL_OPTIONS)
+    tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
+    if parts.tls:
+        tls["ssl"] = True
+    sentinel_options = {
+        **socket_options,
+        **tls,
+        "username": options.get("sentinel_username"),
+        "password": options.get("sentinel_password"),
+        # No retry on a Sentinel: the next one in the list is asked instead.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    manager = Sentinel(parts.hosts, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    # The pool asks the Sentinels for the master's address whenever it opens a connection, and
+    # drops a connection to a master that was demoted: a failover costs failed requests, no restart.
+    client = manager.master_for(  # type: ignore[no-untyped-call]
+        service,
+        db=int(db),
+        username=parts.username,
+        password=parts.password,
+        retry=_reconnect_once(),
+        **socket_options,
+        **tls,
+    )
+    return lambda: client
+
+
+def _cluster_factory(url: str, scheme: str, socket_options: dict[str, Any]) -> Callable[[], Client]:
+    parts = _Parts(url, scheme, CLUSTER_PORT)
+    if parts.path.strip("/") not in ("", "0"):
+        raise ValueError(f"a cluster has only database 0, not {parts.path!r}: expected {scheme}://host:port,...")
+    options = parts.take_options(scheme, ())
+    if parts.tls:
+        options["ssl"] = True
+    nodes = [ClusterNode(host, port) for host, port in parts.hosts]  # type: ignore[no-untyped-call]
+
+    def make() -> Client:
+        # One immediate retry of a failed command (redis-py refreshes the slot map first):
+        # a failover inside the cluster, or a node that moved, costs one more round trip.
+        return RedisCluster(
+            startup_nodes=nodes,
+            username=parts.username,
+            password=parts.password,
+            retry=Retry(NoBackoff(), 1),
+            **socket_options,
+            **options,
+        )
+
+    return make
