@@ -185,9 +185,10 @@ class Preloaded(NamedTuple):
 
 @pytest.fixture(scope="module")
 def preloaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Preloaded]:
-    """The demo on PostgreSQL under ``gunicorn --preload``: the store is built in the master, before the
-    fork. The wsgisession log lines carry the pid of the process that wrote them."""
-    url, table = require_postgres(), unique("demo")
+    """The demo on Redis with its PostgreSQL copy under ``gunicorn --preload``: the store (a
+    FailoverStore) is built in the master, before the fork. The wsgisession log lines carry the
+    pid of the process that wrote them."""
+    url, table, prefix = require_postgres(), unique("demo"), unique("preload") + ":"
     log_config = tmp_path_factory.mktemp("preload") / "logging.json"
     log_config.write_text(json.dumps({
         "version": 1,
@@ -197,13 +198,17 @@ def preloaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Preloaded]:
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "pid", "stream": "ext://sys.stdout"}},
         "formatters": {"pid": {"format": "wsgisession[%(process)d] %(levelname)s %(message)s"}},
     }))  # fmt: skip
-    env = {"SESSION_STORE": "postgres", "DATABASE_URL": url, "SESSION_TABLE": table, "SESSION_CLEANUP_INTERVAL": "0.5"}
+    env = {"REDIS_URL": require_redis(), "SESSION_REDIS_PREFIX": prefix, "DATABASE_URL": url, "SESSION_TABLE": table,
+           "SESSION_CLEANUP_INTERVAL": "0.5"}  # fmt: skip
     args = (*SERVER_ARGS, "--log-config-json", str(log_config))
     try:
         with gunicorn("examples.raw_wsgi:app", env, workers=2, preload=True, args=args) as (base_url, process):
             yield Preloaded(base_url, process, url, table)
     finally:
         drop_table(url, table)
+        client = redis.Redis.from_url(require_redis())
+        for key in client.scan_iter(f"{prefix}*"):
+            client.delete(key)
 
 
 def cleaners(process: subprocess.Popen[bytes]) -> set[int]:
@@ -258,6 +263,8 @@ def test_preloading_master_keeps_no_database_connection_or_cleanup_thread(preloa
         "the gunicorn master holds a PostgreSQL connection"
     )
     assert master not in cleaners(preloaded.process), "the gunicorn master runs a session cleanup thread"
+    threads = len(list(Path(f"/proc/{master}/task").iterdir()))
+    assert threads == 1, f"the gunicorn master runs {threads} threads (a probe or cleanup thread started there)"
 
 
 def connections(pid: int, remote_port: int) -> int:
