@@ -33,8 +33,8 @@ class SessionMiddleware:
 
     Keyword arguments override the environment variables of the same meaning
     (``secret`` is ``SESSION_SECRET``; ``max_age`` and ``absolute_timeout`` are in seconds,
-    ``max_size`` in bytes). With no ``store``,
-    one is chosen from the environment by :func:`create_session_store`.
+    ``max_size`` in bytes; ``format="express"`` is ``SESSION_FORMAT=express``). With no
+    ``store``, one is chosen from the environment by :func:`create_session_store`.
     """
 
     def __init__(
@@ -52,6 +52,7 @@ class SessionMiddleware:
         cookie_secure: bool | None = None,
         cookie_samesite: str | None = None,
         fail_on_store_error: bool | None = None,
+        format: str | None = None,
     ) -> None:
         self.app = app
         self.settings = Settings.load(
@@ -65,6 +66,7 @@ class SessionMiddleware:
             cookie_secure=cookie_secure,
             cookie_samesite=cookie_samesite,
             fail_on_store_error=fail_on_store_error,
+            format=format,
         )
         self.store = store if store is not None else create_session_store(self.settings)
         self.express = self.settings.format == "express"
