@@ -215,6 +215,11 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
         store.setup()
         return store
 
+    if settings.format == "express" and settings.redis_url and settings.database_url:
+        raise ConfigError(
+            "SESSION_FORMAT=express shares sessions with a Node.js application, which reads one store: "
+            "set SESSION_STORE=redis or SESSION_STORE=postgres to match its store"
+        )
     redis_store, redis_up, redis_failure = None, False, "REDIS_URL is not set"
     if settings.redis_url:
         redis_store = _redis(settings)

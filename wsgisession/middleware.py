@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -165,7 +166,7 @@ class SessionMiddleware:
             return [self.expired_cookie(environ)]
         changes, ttl = session.changes(), self.ttl(created)
         if changes.set or changes.deleted:
-            self._encode_within_limit(data)
+            self._check_size({k: changes.set.get(k) or _lenient(k, v) for k, v in data.items()})
             extended = store.update(self.store_key(loaded_id), changes, ttl)
         elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
             extended = store.touch(self.store_key(loaded_id), ttl)
@@ -176,17 +177,22 @@ class SessionMiddleware:
         return [self.cookie(environ, loaded_id, created)] if extended else []
 
     def _encode_within_limit(self, data: dict[str, Any]) -> dict[str, str]:
-        """Every value as JSON, or :class:`SessionTooLarge` when together they pass SESSION_MAX_SIZE."""
-        if self.express and "cookie" in data:
-            raise SessionValueError("session['cookie'] is express-session's own: use another key")
+        """Every value as JSON, for a new record; see :meth:`_check_size`."""
         encoded = {k: encode(k, v) for k, v in data.items()}
-        size = len(json_object(encoded).encode())
+        self._check_size(encoded)
+        return encoded
+
+    def _check_size(self, encoded: dict[str, str]) -> None:
+        """Raise :class:`SessionTooLarge` when the session passes SESSION_MAX_SIZE (or, in the
+        Node.js-compatible mode, holds express-session's own ``cookie`` key)."""
+        if self.express and "cookie" in encoded:
+            raise SessionValueError("session['cookie'] is express-session's own: use another key")
+        size = len(json_object(encoded).encode(errors="surrogatepass"))
         if size > self.settings.max_size:
             raise SessionTooLarge(
                 f"the session holds {size} bytes of JSON, over the limit of {self.settings.max_size} "
                 "(SESSION_MAX_SIZE); nothing was saved"
             )
-        return encoded
 
     def cookie(self, environ: WSGIEnvironment, session_id: str, created: int | None) -> tuple[str, str]:
         """The Set-Cookie header that hands the session to the browser, for as long as it may live."""
@@ -280,6 +286,15 @@ class _Request:
     def fail(self, action: str, exc: StoreError) -> None:
         self.failed = True
         self.middleware._failures.report(f"Session store failed while {action} a session: %s", exc)
+
+
+def _lenient(key: str, value: Any) -> str:
+    """JSON text of a value this request did not change, only to measure it: another
+    application may have stored what :func:`encode` refuses."""
+    try:
+        return encode(key, value)
+    except SessionValueError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _discard(data: bytes) -> None:

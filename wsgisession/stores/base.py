@@ -112,8 +112,11 @@ def now() -> float:
 
 
 def encode_values(data: Mapping[str, Any]) -> dict[str, str]:
-    """The JSON text of each value, as ``create`` takes them (for copying between stores)."""
-    return {k: json.dumps(v, ensure_ascii=False, separators=(",", ":")) for k, v in data.items()}
+    """The JSON text of each value, as ``create`` takes them (for copying between stores).
+
+    ASCII only: a value another application stored (a lone surrogate, say) still encodes.
+    """
+    return {k: json.dumps(v, separators=(",", ":")) for k, v in data.items()}
 
 
 class Periodic:

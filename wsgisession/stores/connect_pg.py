@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import psycopg2
+
 from .base import Changes, Record, now
 from .express import ExpressDocument
 from .postgres import PostgresStore
@@ -45,6 +47,18 @@ class ConnectPgStore(PostgresStore):
 
     def _merge_params(self, key: str, changes: Changes, expires: float) -> tuple[Any, ...]:
         return (*super()._merge_params(key, changes, expires)[:2], self.document.cookie(expires), expires, key, now())
+
+    def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+        try:
+            return super()._merge(cur, key, changes, expires)
+        except psycopg2.DataError:
+            # jsonb refuses what json keeps and Node.js may have stored (a NUL, a lone
+            # surrogate): merge in Python instead, with the row locked for the moment.
+            cur.execute("BEGIN")
+            try:
+                return self._rewrite(cur, key, changes, expires, lock=" FOR UPDATE")
+            finally:
+                cur.execute("COMMIT")
 
     def _document(self, data: Mapping[str, str], expires: float) -> str:
         return self.document.dump(data, expires)

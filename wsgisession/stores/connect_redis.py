@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Mapping
 
 import redis
@@ -11,7 +13,7 @@ from .base import Changes, Record, StoreError, encode_values, now
 from .express import ExpressDocument
 from .redis import RedisStore, milliseconds
 
-CAS_ATTEMPTS = 10
+CAS_ATTEMPTS = 25  # with a growing, jittered pause between them
 
 
 class ConnectRedisStore(RedisStore):
@@ -19,6 +21,7 @@ class ConnectRedisStore(RedisStore):
 
     The document cannot be merged by Redis itself, so an update is a compare-and-set
     (WATCH, read, merge, MULTI/SET), retried when another request wrote in between.
+    (A Lua merge would need cjson, which rounds numbers and turns [] into {}.)
     """
 
     def __init__(
@@ -39,8 +42,8 @@ class ConnectRedisStore(RedisStore):
         pipe.pttl(self.prefix + key)
         try:
             raw, pttl = pipe.execute()
-        except redis.ResponseError:
-            raw = b"not a string"
+        except redis.ResponseError:  # not a string: a foreign record
+            raw, pttl = b"not a string", 0
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
         if raw is None:
@@ -54,9 +57,9 @@ class ConnectRedisStore(RedisStore):
         name = self.prefix + key
         try:
             with self.client.pipeline() as pipe:
-                for _ in range(CAS_ATTEMPTS):
+                for attempt in range(CAS_ATTEMPTS):
                     try:
-                        pipe.watch(name)  # type: ignore[no-untyped-call]
+                        pipe.watch(name)
                         raw = pipe.get(name)
                         record = None if raw is None else self.document.load(raw, 0, "Redis")
                         if record is None:
@@ -69,8 +72,8 @@ class ConnectRedisStore(RedisStore):
                         pipe.set(name, document, px=milliseconds(ttl))
                         pipe.execute()
                         return True
-                    except redis.WatchError:
-                        continue  # another request wrote in between: merge onto what it wrote
+                    except redis.WatchError:  # another request wrote in between: merge onto what it wrote
+                        time.sleep(random.uniform(0, 0.001 * attempt))
         except redis.RedisError as exc:
             raise StoreError(f"Redis: {exc}") from exc
         raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")

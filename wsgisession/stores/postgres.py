@@ -6,6 +6,7 @@ import hashlib
 from typing import Any
 
 import psycopg2
+import psycopg2.extras
 
 from .base import Changes, json_object, now
 from .sql import SQLStore
@@ -53,6 +54,9 @@ class PostgresStore(SQLStore):
     def _connect(self) -> Any:
         conn = psycopg2.connect(self.dsn, connect_timeout=max(1, round(self._timeout)), application_name="wsgisession")
         conn.autocommit = True
+        # JSON columns come back as text, decoded by the store, which copes with malformed records.
+        psycopg2.extras.register_default_json(conn, loads=_text)
+        psycopg2.extras.register_default_jsonb(conn, loads=_text)
         return conn
 
     def _merge_sql(self) -> str:
@@ -73,3 +77,7 @@ class PostgresStore(SQLStore):
         # A transaction-level lock: held only for one batch, and valid behind PgBouncer.
         cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (self._lock_id,))
         return bool(cur.fetchone()[0])
+
+
+def _text(value: str) -> str:
+    return value

@@ -8,6 +8,7 @@ how one cleaner is chosen among several processes.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import threading
@@ -16,7 +17,18 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .base import Changes, Periodic, Record, SessionStore, StoreError, decode_record, json_object, log, now
+from .base import (
+    Changes,
+    Periodic,
+    Record,
+    SessionStore,
+    StoreError,
+    decode_record,
+    encode_values,
+    json_object,
+    log,
+    now,
+)
 
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
 CLEANUP_BATCH = 1000
@@ -127,6 +139,22 @@ class SQLStore(SessionStore):
     @abstractmethod
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         """Apply ``changes`` to a live row in one atomic step; False when there is none."""
+
+    def _rewrite(self, cur: Any, key: str, changes: Changes, expires: float, lock: str = "") -> bool:
+        """Merge by reading the row, applying ``changes`` in Python and writing it back, in the
+        transaction the caller holds (``lock`` may add ``FOR UPDATE``); False when it is gone."""
+        (i, d, e), p, ts, t = self.columns, self.param, self.timestamp(self.param), self.table
+        cur.execute(f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{lock}", (key, now()))
+        row = cur.fetchone()
+        record = None if row is None else self._record(row[0], expires)
+        if record is None:
+            return False
+        for k in changes.deleted:
+            record.data.pop(k, None)
+        record.data.update((k, json.loads(v)) for k, v in changes.set.items())
+        document = self._document(encode_values(record.data), expires)
+        cur.execute(f"UPDATE {t} SET {d} = {p}, {e} = {ts} WHERE {i} = {p}", (document, expires, key))
+        return True
 
     def _document(self, data: Mapping[str, str], expires: float) -> str:
         """The stored form of a session's JSON-encoded values."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from typing import Any
 
-from .base import Changes, decode_record, now
+from .base import Changes
 from .sql import SQLStore
 
 
@@ -52,19 +51,6 @@ class SQLiteStore(SQLStore):
         # for the few microseconds it takes, with no lock held across the request.
         cur.execute("BEGIN IMMEDIATE")
         try:
-            cur.execute(f"SELECT data FROM {self.table} WHERE id = ? AND expires_at > ?", (key, now()))
-            row = cur.fetchone()
-            record = None if row is None else decode_record(row[0], expires, f"table {self.table}")
-            if record is None:
-                return False
-            data = record.data
-            for k in changes.deleted:
-                data.pop(k, None)
-            data.update((k, json.loads(v)) for k, v in changes.set.items())
-            cur.execute(
-                f"UPDATE {self.table} SET data = ?, expires_at = ? WHERE id = ?",
-                (json.dumps(data, ensure_ascii=False, separators=(",", ":")), expires, key),
-            )
-            return True
+            return self._rewrite(cur, key, changes, expires)
         finally:
             cur.execute("COMMIT")
