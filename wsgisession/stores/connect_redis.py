@@ -11,7 +11,7 @@ import redis
 
 from .base import Changes, Record, StoreError, encode_values, now
 from .express import ExpressDocument
-from .redis import RedisStore, milliseconds
+from .redis import ERRORS, RedisStore, milliseconds, wrong_type
 
 CAS_ATTEMPTS = 25  # with a growing, jittered pause between them
 
@@ -42,9 +42,11 @@ class ConnectRedisStore(RedisStore):
         pipe.pttl(self.prefix + key)
         try:
             raw, pttl = pipe.execute()
-        except redis.ResponseError:  # not a string: a foreign record
-            raw, pttl = b"not a string", 0
-        except redis.RedisError as exc:
+        except redis.ResponseError as exc:
+            if not wrong_type(exc):
+                raise StoreError(f"Redis: {exc}") from exc
+            raw, pttl = b"not a string", 0  # a foreign record of another type
+        except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         if raw is None:
             return None
@@ -56,7 +58,7 @@ class ConnectRedisStore(RedisStore):
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         name = self.prefix + key
         try:
-            with self.client.pipeline() as pipe:
+            with self.client.pipeline(transaction=True) as pipe:
                 for attempt in range(CAS_ATTEMPTS):
                     try:
                         pipe.watch(name)
@@ -74,6 +76,6 @@ class ConnectRedisStore(RedisStore):
                         return True
                     except redis.WatchError:  # another request wrote in between: merge onto what it wrote
                         time.sleep(random.uniform(0, 0.001 * attempt))
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")

@@ -114,7 +114,7 @@ class RedisStore(SessionStore):
             fields, pttl = pipe.execute()
             data = {k.decode(): json.loads(v) for k, v in fields.items()}
         except redis.ResponseError as exc:
-            if not _wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now
+            if not wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now
                 raise StoreError(f"Redis: {exc}") from exc
             log.warning("Ignoring a malformed session record in Redis")
             return None
@@ -151,7 +151,12 @@ class RedisStore(SessionStore):
         self._run(self.client.delete, self.prefix + key)
 
     def ping(self) -> None:
-        self._run(self.client.ping)  # on a cluster: every node
+        client = self.client
+        if isinstance(client, RedisCluster):
+            # redis-py pings one node of a cluster; a session may live on any primary.
+            self._run(client.ping, target_nodes=RedisCluster.PRIMARIES)
+        else:
+            self._run(client.ping)
 
     def close(self) -> None:
         client = self._client
@@ -175,7 +180,7 @@ def milliseconds(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _wrong_type(exc: redis.ResponseError) -> bool:
+def wrong_type(exc: redis.ResponseError) -> bool:
     """Whether Redis refused a command because the key holds another type (a malformed record)."""
     message = str(exc)
     return message.startswith("WRONGTYPE") or "error: WRONGTYPE" in message  # a pipeline prefixes the command
