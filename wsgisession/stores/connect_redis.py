@@ -55,6 +55,9 @@ class ConnectRedisStore(RedisStore):
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         self._run(self.client.set, self.prefix + key, self.document.dump(data, now() + ttl), px=milliseconds(ttl))
 
+    def touch(self, key: str, ttl: float) -> bool:
+        return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))
+
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         name = self.prefix + key
         try:

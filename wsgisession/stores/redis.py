@@ -38,14 +38,21 @@ CLUSTER_PORT = 6379
 _TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
 _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 
+# The session's expiry (Unix seconds) sits in the hash beside its values, under a field no
+# session key can have (they hold no NUL), so that a read is a single HGETALL.
+EXPIRES = "\x00expires"
+_EXPIRES = EXPIRES.encode()
+
 # Apply per-key changes only if the session still exists, then extend its life:
 # one round trip, atomic, so a concurrent logout is never undone.
-# ARGV: ttl in ms, the number n of deleted fields, those n fields, then field/value pairs.
+# ARGV: ttl in ms, the expiry field and its value, the number n of deleted fields, those n
+# fields, then field/value pairs.
 _UPDATE = """
 if redis.call('exists', KEYS[1]) == 0 then return 0 end
-local n = tonumber(ARGV[2])
-for i = 3, 2 + n do redis.call('hdel', KEYS[1], ARGV[i]) end
-for i = 3 + n, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do redis.call('hdel', KEYS[1], ARGV[i]) end
+for i = 5 + n, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('hset', KEYS[1], ARGV[2], ARGV[3])
 redis.call('pexpire', KEYS[1], ARGV[1])
 return 1
 """
@@ -108,11 +115,10 @@ class RedisStore(SessionStore):
 
     def load(self, key: str) -> Record | None:
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.hgetall(self.prefix + key)
-            pipe.pttl(self.prefix + key)
-            fields, pttl = pipe.execute()
-            data = {k.decode(): json.loads(v) for k, v in fields.items()}
+            fields: dict[bytes, bytes] = self.client.hgetall(self.prefix + key)  # type: ignore[assignment]
+            stamp = fields.pop(_EXPIRES, None)
+            data = {k.decode(): json.loads(v.decode()) for k, v in fields.items()}
+            expires = float(stamp) if stamp is not None else now()  # unknown: refresh it soon
         except redis.ResponseError as exc:
             if not wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now
                 raise StoreError(f"Redis: {exc}") from exc
@@ -125,27 +131,28 @@ class RedisStore(SessionStore):
             raise StoreError(f"Redis: {exc}") from exc
         if not data:
             return None
-        return Record(data, now() + max(pttl, 0) / 1000)
+        return Record(data, expires)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         def create() -> Any:
             pipe = self.client.pipeline(transaction=True)  # one key, so one slot: MULTI works on a cluster
             pipe.delete(self.prefix + key)
-            pipe.hset(self.prefix + key, mapping=dict(data))  # type: ignore[arg-type]
+            fields: dict[Any, Any] = {**data, EXPIRES: repr(now() + ttl)}
+            pipe.hset(self.prefix + key, mapping=fields)
             pipe.pexpire(self.prefix + key, milliseconds(ttl))
             return pipe.execute()
 
         self._run(create)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
-        args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
+        args: list[Any] = [milliseconds(ttl), EXPIRES, repr(now() + ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
         client = self.client
         return bool(self._run(self._update, keys=[self.prefix + key], args=args, client=client))
 
     def touch(self, key: str, ttl: float) -> bool:
-        return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))
+        return self.update(key, Changes({}), ttl)
 
     def delete(self, key: str) -> None:
         self._run(self.client.delete, self.prefix + key)
