@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from werkzeug.http import dump_cookie
+from werkzeug.http import http_date
 
 from .config import Settings, create_session_store
 from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode
@@ -77,6 +78,7 @@ class SessionMiddleware:
         self.store_key = str if self.express else store_key
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
+        self._attributes = {secure: _cookie_attributes(self.settings, secure) for secure in (False, True)}
         self._verified: dict[str, tuple[str, int | None, bool]] = {}
         self._failures = _RateLimitedLog()
         self._tossing = _RateLimitedLog()
@@ -196,24 +198,33 @@ class SessionMiddleware:
 
     def cookie(self, environ: WSGIEnvironment, session_id: str, created: int | None) -> tuple[str, str]:
         """The Set-Cookie header that hands the session to the browser, for as long as it may live."""
-        s = self.settings
         max_age = max(1, math.ceil(self.ttl(created)))
-        return ("Set-Cookie", dump_cookie(
-            s.cookie_name, self.signer.sign(session_id, created), max_age=max_age, path=s.cookie_path,
-            domain=s.cookie_domain, secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
-        ))  # fmt: skip
+        expires = _http_date(int(time.time()) + max_age)
+        value = self.signer.sign(session_id, created)
+        return ("Set-Cookie", f"{self.settings.cookie_name}={value}; Expires={expires}; Max-Age={max_age}"
+                              f"{self._attributes[self._secure(environ)]}")  # fmt: skip
 
     def expired_cookie(self, environ: WSGIEnvironment) -> tuple[str, str]:
         """The Set-Cookie header that makes the browser drop the session cookie."""
-        s = self.settings
-        return ("Set-Cookie", dump_cookie(
-            s.cookie_name, "", max_age=0, expires=0, path=s.cookie_path, domain=s.cookie_domain,
-            secure=self._secure(environ), httponly=True, samesite=s.cookie_samesite,
-        ))  # fmt: skip
+        return ("Set-Cookie", f"{self.settings.cookie_name}=; Expires={_http_date(0)}; Max-Age=0"
+                              f"{self._attributes[self._secure(environ)]}")  # fmt: skip
 
     def _secure(self, environ: WSGIEnvironment) -> bool:
         secure = self.settings.cookie_secure
         return environ.get("wsgi.url_scheme") == "https" if secure is None else secure
+
+
+def _cookie_attributes(settings: Settings, secure: bool) -> str:
+    """What follows the value and the expiry in every Set-Cookie of this middleware."""
+    domain = f"; Domain={settings.cookie_domain}" if settings.cookie_domain else ""
+    flags = "; Secure; HttpOnly" if secure else "; HttpOnly"
+    return f"{domain}; Path={settings.cookie_path}{flags}; SameSite={settings.cookie_samesite}"
+
+
+@functools.lru_cache(maxsize=4)
+def _http_date(seconds: int) -> str:
+    """An HTTP date, formatted once per second (werkzeug's, which no locale changes)."""
+    return http_date(seconds)
 
 
 class _Request:
