@@ -29,7 +29,7 @@ class ConnectPgStore(PostgresStore):
 
     @staticmethod
     def epoch(column: str) -> str:
-        return f"extract(epoch from {column}::timestamptz)::float8"
+        return f"date_part('epoch', {column}::timestamptz)"
 
     def schema(self) -> list[str]:
         return [

@@ -45,7 +45,7 @@ class PostgresStore(SQLStore):
 
     @staticmethod
     def epoch(column: str) -> str:
-        return f"extract(epoch from {column})::float8"
+        return f"date_part('epoch', {column})"
 
     def _create_statements(self) -> list[str]:
         # Concurrent CREATE TABLE IF NOT EXISTS can collide; a transaction lock serialises them.
