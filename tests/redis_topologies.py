@@ -113,12 +113,22 @@ class RedisProcess:
                 with open(path, "w") as f:
                     f.write(self.config)
             command += [path, "--sentinel"]
-        listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
-        command += [*listen, "--bind", "127.0.0.1", "--dir", self.dir, *self.args]
-        with open(os.path.join(self.dir, "log"), "ab") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-        wait_until(lambda: self.client(0.5).ping(), 10,
-                   lambda: f"redis-server on port {self.port} did not start; its log:\n{self.log()}\n")  # fmt: skip
+        for _ in range(5):  # a port free when picked may be taken since (an outgoing connection's, say)
+            listen = self.tls.server_args(self.port) if self.tls else ["--port", str(self.port)]
+            with open(os.path.join(self.dir, "log"), "ab") as log:
+                process = subprocess.Popen([*command, *listen, "--bind", "127.0.0.1", "--dir", self.dir, *self.args],
+                                           stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)  # fmt: skip
+            self.process = process
+            wait_until(lambda p=process: p.poll() is not None or self.client(0.5).ping(), 10,  # type: ignore[misc]
+                       lambda: f"redis-server on port {self.port} did not start; its log:\n{self.log()}\n")  # fmt: skip
+            if process.poll() is None:
+                return
+            if "Address already in use" not in self.log():
+                break
+            self.port = free_port()
+            if "--cluster-port" in self.args:
+                self.args[self.args.index("--cluster-port") + 1] = str(free_port())
+        pytest.fail(f"redis-server on port {self.port} did not start; its log:\n{self.log()}\n")
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
         tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.tls.ca} if self.tls else {}
