@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -57,6 +58,21 @@ def gunicorn(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def pid_log_config(directory: Path) -> Path:
+    """A gunicorn --log-config-json file: wsgisession's lines at INFO, tagged with the pid of the
+    process that wrote them (``wsgisession[<pid>] LEVEL message``)."""
+    path = directory / "logging.json"
+    path.write_text(json.dumps({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "root": {"level": "WARNING", "handlers": ["console"]},
+        "loggers": {"wsgisession": {"level": "INFO", "handlers": ["console"], "propagate": False}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "pid", "stream": "ext://sys.stdout"}},
+        "formatters": {"pid": {"format": "wsgisession[%(process)d] %(levelname)s %(message)s"}},
+    }))  # fmt: skip
+    return path
 
 
 def server_log(process: subprocess.Popen[bytes]) -> str:

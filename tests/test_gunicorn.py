@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import psycopg2
 import pytest
 import redis
-from gunicorn_runner import gunicorn, server_log
+from gunicorn_runner import gunicorn, pid_log_config, server_log
 from servers import drop_table, require_postgres, require_redis, unique
 
 pytestmark = pytest.mark.slow
@@ -189,15 +189,7 @@ def preloaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Preloaded]:
     FailoverStore) is built in the master, before the fork. The wsgisession log lines carry the
     pid of the process that wrote them."""
     url, table, prefix = require_postgres(), unique("demo"), unique("preload") + ":"
-    log_config = tmp_path_factory.mktemp("preload") / "logging.json"
-    log_config.write_text(json.dumps({
-        "version": 1,
-        "disable_existing_loggers": False,
-        "root": {"level": "WARNING", "handlers": ["console"]},
-        "loggers": {"wsgisession": {"level": "INFO", "handlers": ["console"], "propagate": False}},
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "pid", "stream": "ext://sys.stdout"}},
-        "formatters": {"pid": {"format": "wsgisession[%(process)d] %(levelname)s %(message)s"}},
-    }))  # fmt: skip
+    log_config = pid_log_config(tmp_path_factory.mktemp("preload"))
     env = {"REDIS_URL": require_redis(), "SESSION_REDIS_PREFIX": prefix, "DATABASE_URL": url, "SESSION_TABLE": table,
            "SESSION_CLEANUP_INTERVAL": "0.5"}  # fmt: skip
     args = (*SERVER_ARGS, "--log-config-json", str(log_config))

@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 import redis
-from gunicorn_runner import gunicorn, server_log
+from gunicorn_runner import gunicorn, pid_log_config, server_log
 from pg_server import PostgresServer
 from servers import RedisServer, unique
 
@@ -88,15 +88,7 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="module")
 def log_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """wsgisession's lines at INFO, tagged with the pid of the worker that wrote them."""
-    path = tmp_path_factory.mktemp("outages") / "logging.json"
-    path.write_text(json.dumps({
-        "version": 1,
-        "disable_existing_loggers": False,
-        "root": {"level": "WARNING", "handlers": ["console"]},
-        "loggers": {"wsgisession": {"level": "INFO", "handlers": ["console"], "propagate": False}},
-        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "pid", "stream": "ext://sys.stdout"}},
-        "formatters": {"pid": {"format": "wsgisession[%(process)d] %(levelname)s %(message)s"}},
-    }))  # fmt: skip
+    path = pid_log_config(tmp_path_factory.mktemp("outages"))
     return path
 
 
