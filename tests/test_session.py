@@ -295,3 +295,17 @@ def test_keys_no_store_can_hold_are_refused(key: str) -> None:
     session = Session(lambda: (None, {}, None))
     with pytest.raises(SessionValueError):
         session[key] = 1
+
+
+def test_values_another_application_stored_may_be_read_while_other_keys_change() -> None:
+    """A record written by another application (Node.js) may hold what encode() refuses: reading
+    it, even a list the app could mutate, is fine, and only the keys this request changed are written."""
+    stored = {"tags": ["a\x00b"], "nums": [float("nan")], "user": "ann"}
+    session = Session(lambda: ("A" * 43, stored, None))
+    assert session["tags"] == ["a\x00b"]
+    assert session["nums"][0] != session["nums"][0]  # NaN
+    session["n"] = 1
+    assert session.changes() == ({"n": "1"}, ())
+    session["tags"].append("c")  # changing it makes it this request's to write, and so to refuse
+    with pytest.raises(SessionValueError, match="'tags'"):
+        session.changes()

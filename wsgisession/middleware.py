@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import threading
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from werkzeug.http import http_date
 
 from .config import Settings, create_session_store
-from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode
+from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode, measure
 from .signing import ExpressSigner, Signer, new_express_id, new_id, store_key
 from .stores.base import SessionStore, StoreError, json_object
 
@@ -168,7 +167,7 @@ class SessionMiddleware:
             return [self.expired_cookie(environ)]
         changes, ttl = session.changes(), self.ttl(created)
         if changes.set or changes.deleted:
-            self._check_size({k: changes.set.get(k) or _lenient(k, v) for k, v in data.items()})
+            self._check_size({k: changes.set.get(k) or measure(v) for k, v in data.items()})
             extended = store.update(self.store_key(loaded_id), changes, ttl)
         elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
             extended = store.touch(self.store_key(loaded_id), ttl)
@@ -297,15 +296,6 @@ class _Request:
     def fail(self, action: str, exc: StoreError) -> None:
         self.failed = True
         self.middleware._failures.report(f"Session store failed while {action} a session: %s", exc)
-
-
-def _lenient(key: str, value: Any) -> str:
-    """JSON text of a value this request did not change, only to measure it: another
-    application may have stored what :func:`encode` refuses."""
-    try:
-        return encode(key, value)
-    except SessionValueError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _discard(data: bytes) -> None:

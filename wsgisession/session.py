@@ -15,6 +15,7 @@ from .stores.base import Changes
 log = logging.getLogger("wsgisession")
 
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_lenient = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _IMMUTABLE = (str, int, float, bool, type(None))
 _SCALARS = {None: "null", True: "true", False: "false"}
 MAX_DEPTH = 100  # levels of nested lists and dicts in one value
@@ -41,19 +42,34 @@ class SessionTooLarge(SessionValueError):
 
 def encode(key: str, value: Any) -> str:
     """The JSON text of one session value, or :class:`SessionValueError` naming ``key``."""
-    kind = type(value)
     try:
-        if kind is int:  # the common cases first, without the encoder's overhead
-            return int.__repr__(value)
-        if kind is bool or value is None:
-            return _SCALARS[value]
-        if kind is str:
-            return _storable(encode_basestring(value))
-        if isinstance(value, (dict, list, tuple)):
-            _check_container(value, MAX_DEPTH)
-        return _storable(_encoder.encode(value))
+        text = _scalar(value)
+        if text is None:
+            if isinstance(value, (dict, list, tuple)):
+                _check_container(value, MAX_DEPTH)
+            text = _encoder.encode(value)
+        return _storable(text)
     except (TypeError, ValueError) as exc:
         raise SessionValueError(f"session[{key!r}] cannot be stored as JSON: {exc}") from None
+
+
+def measure(value: Any) -> str:
+    """The JSON text of a value as it stands, to compare or size it. Unlike :func:`encode` it takes
+    what another application may have stored (NaN, a NUL, a lone surrogate); it is never written."""
+    text = _scalar(value)
+    return _lenient.encode(value) if text is None else text
+
+
+def _scalar(value: Any) -> str | None:
+    """The JSON text of the common scalars, without the encoder's overhead; None for the rest."""
+    kind = type(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is bool or value is None:
+        return _SCALARS[value]
+    if kind is str:
+        return encode_basestring(value)
+    return None
 
 
 def _check_container(value: dict[Any, Any] | list[Any] | tuple[Any, ...], depth: int) -> None:
@@ -114,7 +130,7 @@ class Session(MutableMapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         value = self._loaded()[key]
         if not isinstance(value, _IMMUTABLE) and key not in self._before:
-            self._before[key] = _encoder.encode(value)  # the app may mutate it in place
+            self._before[key] = measure(value)  # the app may mutate it in place
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -204,17 +220,22 @@ class Session(MutableMapping[str, Any]):
         changed: dict[str, str] = {}
         deleted = []
         for key, before in self._before.items():
-            if key in data:
-                now = encode(key, data[key])
-                if now != before:
-                    changed[key] = now
-            elif before is not None:
-                deleted.append(key)
+            if key not in data:
+                if before is not None:
+                    deleted.append(key)
+                continue
+            value = data[key]
+            try:
+                unchanged = measure(value) == before  # as loaded, even if another application stored it
+            except (TypeError, ValueError):
+                unchanged = False
+            if not unchanged:
+                changed[key] = encode(key, value)  # what is written must be storable
         return Changes(changed, tuple(deleted))
 
     def _remember(self, key: str, data: dict[str, Any]) -> None:
         if key not in self._before:
-            self._before[key] = _encoder.encode(data[key]) if key in data else None
+            self._before[key] = measure(data[key]) if key in data else None
 
     def _warn_if_saved(self) -> None:
         if self._saved:
