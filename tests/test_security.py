@@ -44,7 +44,7 @@ from wsgisession import (
 )
 from wsgisession.config import _VARIABLES
 from wsgisession.middleware import _RateLimitedLog
-from wsgisession.session import MAX_DEPTH
+from wsgisession.session import MAX_DEPTH, Loaded
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import json_object
 from wsgisession.stores.failover import FailoverStore
@@ -673,7 +673,7 @@ def test_nesting_up_to_the_limit_round_trips(kind: str, open_store: Callable[...
 
 @pytest.mark.parametrize("depth", [MAX_DEPTH + 1, 5000])
 def test_nesting_too_deep_is_a_session_value_error_at_the_assignment(depth: int) -> None:
-    session = Session(lambda: (None, {}, None))
+    session = Session(lambda: Loaded(None, {}))
     with pytest.raises(SessionValueError, match=r"'deep'.*deeper than"):
         session["deep"] = nested(depth)
     assert "deep" not in session
@@ -742,7 +742,7 @@ def test_big_numbers_round_trip_and_too_big_ones_are_refused(
 @pytest.mark.parametrize("value", [{1: "a"}, {"x": {True: 1}}, [{None: 1}], {1.5: 2}, {1: "a", "1": "b"}], ids=repr)
 def test_nested_non_string_keys_are_refused(value: Any) -> None:
     """JSON would silently turn them into strings: {1: "a"} would read back as {"1": "a"}."""
-    session = Session(lambda: (None, {}, None))
+    session = Session(lambda: Loaded(None, {}))
     with pytest.raises(SessionValueError, match="'k'"):
         session["k"] = value
 
@@ -1055,7 +1055,7 @@ def test_no_secret_in_any_repr(make_store: Callable[..., SessionStore]) -> None:
             client = logged_in(mw)
             cookie = client.cookie or ""
             session_id = client.id
-            session = Session(lambda: (session_id, {"user": "victim"}, None, None))  # noqa: B023 - used at once
+            session = Session(lambda: Loaded(session_id, {"user": "victim"}))  # noqa: B023 - used at once
             session.get("user")
             texts = []
             for thing in (mw, mw.settings, mw.signer, session, store, vars(mw), getattr(store, "client", None)):

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 
 from wsgisession import Session, SessionValueError
+from wsgisession.session import Loaded
 from wsgisession.signing import ID_LENGTH, new_id
-
-Loaded = tuple[str | None, dict[str, Any], float | None]
 
 
 class Loader:
@@ -28,7 +27,7 @@ class Loader:
     def __call__(self) -> Loaded:
         self.calls += 1
         # A fresh copy, as a store returns: the session's in-place changes must be found by diffing.
-        return self.session_id, json.loads(json.dumps(self.data)), None
+        return Loaded(self.session_id, json.loads(json.dumps(self.data)))
 
 
 def unchanged(session: Session) -> bool:
@@ -278,21 +277,21 @@ def test_modified_is_false_until_something_changes() -> None:
 @pytest.mark.parametrize("value", ["a\x00b", {"nested": ["\x00"]}, "lone \ud800 surrogate"], ids=repr)
 def test_values_no_store_can_hold_are_refused_at_assignment(value: object) -> None:
     """PostgreSQL cannot store NUL and no store can hold a lone surrogate: refused for every store alike."""
-    session = Session(lambda: (None, {}, None))
+    session = Session(lambda: Loaded(None, {}))
     with pytest.raises(SessionValueError, match="'k'"):
         session["k"] = value
     assert "k" not in session
 
 
 def test_a_backslash_before_u0000_is_ordinary_text() -> None:
-    session = Session(lambda: (None, {}, None))
+    session = Session(lambda: Loaded(None, {}))
     session["k"] = "C:\\u0000"
     assert session.changes().set == {"k": '"C:\\\\u0000"'}
 
 
 @pytest.mark.parametrize("key", ["a\x00", "\udc00"], ids=repr)
 def test_keys_no_store_can_hold_are_refused(key: str) -> None:
-    session = Session(lambda: (None, {}, None))
+    session = Session(lambda: Loaded(None, {}))
     with pytest.raises(SessionValueError):
         session[key] = 1
 
@@ -301,7 +300,7 @@ def test_values_another_application_stored_may_be_read_while_other_keys_change()
     """A record written by another application (Node.js) may hold what encode() refuses: reading
     it, even a list the app could mutate, is fine, and only the keys this request changed are written."""
     stored = {"tags": ["a\x00b"], "nums": [float("nan")], "user": "ann"}
-    session = Session(lambda: ("A" * 43, stored, None))
+    session = Session(lambda: Loaded("A" * 43, stored))
     assert session["tags"] == ["a\x00b"]
     assert session["nums"][0] != session["nums"][0]  # NaN
     session["n"] = 1

@@ -507,3 +507,59 @@ def test_postgres_unreachable_with_create_table_raises_store_error() -> None:
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/test"
     with pytest.raises(StoreError):
         PostgresStore(url, table="unreachable_sessions", cleanup_interval=0, timeout=0.5)
+
+
+# -- PostgreSQL: prepared statements ---------------------------------------------------------
+
+
+def prepared_here(store: PostgresStore) -> int:
+    """How many of the store's statements are prepared on its pooled connection (one thread uses one)."""
+    with store._cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'wsgisession%'")
+        return int(cur.fetchone()[0])
+
+
+def every_statement(store: SessionStore, key: str) -> None:
+    store.create(key, encode_all({"n": 1}), TTL)
+    assert store.load(key) is not None
+    assert store.update(key, Changes(set=encode_all({"n": 2})), TTL)
+    assert store.touch(key, TTL)
+    store.delete(key)
+    assert store.load(key) is None
+
+
+def test_postgres_prepares_each_statement_a_request_runs_once_per_connection(make_store: Any) -> None:
+    store = make_store("postgres")
+    every_statement(store, new_key())
+    assert prepared_here(store) == 5  # load, create, update, touch, delete
+    every_statement(store, new_key())
+    assert prepared_here(store) == 5
+
+
+def test_postgres_runs_unprepared_once_the_server_forgot_its_statements(
+    make_store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a pooler's reset (DISCARD ALL) or a pooler that moves the connection does: no request fails."""
+    store = make_store("postgres")
+    key = new_key()
+    every_statement(store, key)
+    with store._cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    with caplog.at_level("INFO", logger="wsgisession"):
+        every_statement(store, key)
+        every_statement(store, new_key())
+    assert len([r for r in caplog.records if "no longer prepared" in r.getMessage()]) == 1
+    assert prepared_here(store) == 0
+
+
+def test_postgres_reads_on_after_a_column_changes_type_under_its_prepared_statement(make_store: Any) -> None:
+    """ALTER TABLE while the application runs: the server refuses the prepared read ("cached plan
+    must not change result type"); the store reads unprepared instead."""
+    store = make_store("postgres")
+    key = new_key()
+    store.create(key, encode_all({"user": "ann"}), TTL)
+    assert store.load(key) is not None
+    with store._cursor() as cur:
+        cur.execute(f"ALTER TABLE {store.table} ALTER COLUMN data TYPE json")
+    record = store.load(key)
+    assert record is not None and record.data == {"user": "ann"}

@@ -78,7 +78,7 @@ class SessionMiddleware:
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
         self._attributes = {secure: _cookie_attributes(self.settings, secure) for secure in (False, True)}
-        self._verified: dict[str, tuple[str, int | None, bool]] = {}
+        self._verified: dict[str, tuple[str, int | None, bool, str]] = {}
         self._failures = _RateLimitedLog()
         self._tossing = _RateLimitedLog()
 
@@ -109,8 +109,8 @@ class SessionMiddleware:
                 values.append(value.strip().strip('"'))
         return values
 
-    def identify(self, values: list[str]) -> tuple[str, int | None, bool] | None:
-        """The session a request's cookie values name: ``(id, created, signed_with_current_key)``.
+    def identify(self, values: list[str]) -> tuple[str, int | None, bool, str] | None:
+        """The session a request's cookie values name: ``(id, created, signed_with_current_key, store_key)``.
 
         Forged and malformed values are ignored. Two genuine values naming different sessions
         (a sibling domain tossing its own cookie in) name none: the request gets a fresh session.
@@ -128,16 +128,18 @@ class SessionMiddleware:
             return None  # past its absolute lifetime, however active
         return found
 
-    def _verify(self, value: str) -> tuple[str, int | None, bool] | None:
-        """``signer.unsign(value)``, remembering genuine values: an active user's cookie is
-        checked once, not on every request (the absolute lifetime is checked every time)."""
+    def _verify(self, value: str) -> tuple[str, int | None, bool, str] | None:
+        """``signer.unsign(value)`` and the id's store key, remembered for genuine values: an active
+        user's cookie is checked once, not on every request (the absolute lifetime is checked every time)."""
         found = self._verified.get(value)
         if found is None:
-            found = self.signer.unsign(value)
-            if found is not None:
-                if len(self._verified) >= VERIFIED_CACHE:
-                    self._verified.clear()
-                self._verified[value] = found
+            unsigned = self.signer.unsign(value)
+            if unsigned is None:
+                return None
+            found = (*unsigned, self.store_key(unsigned[0]))
+            if len(self._verified) >= VERIFIED_CACHE:
+                self._verified.clear()
+            self._verified[value] = found
         return found
 
     def ttl(self, created: float | None) -> float:
@@ -247,9 +249,9 @@ class _Request:
         found = self.middleware.identify(values)
         if found is None:
             return Loaded(None, {})
-        session_id, created, current = found
+        session_id, created, current, key = found
         try:
-            record = self.middleware.store.load(self.middleware.store_key(session_id))
+            record = self.middleware.store.load(key)
         except StoreError as exc:
             self.fail("loading", exc)
             return Loaded(None, {})

@@ -19,6 +19,7 @@ _lenient = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _IMMUTABLE = (str, int, float, bool, type(None))
 _SCALARS = {None: "null", True: "true", False: "false"}
 MAX_DEPTH = 100  # levels of nested lists and dicts in one value
+_UNCHANGED = Changes({})
 _NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")  # an escaped NUL, not an escaped backslash before "u0000"
 
 
@@ -99,8 +100,8 @@ class Session(MutableMapping[str, Any]):
 
     __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_new_id", "_saved")
 
-    def __init__(self, load: Callable[[], tuple[Any, ...]], new_id: Callable[[], str] = new_id) -> None:
-        """``load`` returns the fields of a :class:`Loaded`, called on first use; ``new_id`` makes ids."""
+    def __init__(self, load: Callable[[], Loaded], new_id: Callable[[], str] = new_id) -> None:
+        """``load`` returns a :class:`Loaded`, called on first use; ``new_id`` makes ids."""
         self._load = load
         self._new_id = new_id
         self._data: dict[str, Any] | None = None
@@ -123,7 +124,7 @@ class Session(MutableMapping[str, Any]):
         """The data, loaded on first use."""
         data = self._data
         if data is None:
-            self._loaded_id, data, self._expires, self._created = Loaded(*self._load())
+            self._loaded_id, data, self._expires, self._created = self._load()
             self._id, self._new, self._data = self._loaded_id, self._loaded_id is None, data
         return data
 
@@ -217,6 +218,8 @@ class Session(MutableMapping[str, Any]):
     def changes(self) -> Changes:
         """The keys set (as JSON text) and deleted since the session was loaded."""
         data = self._loaded()
+        if not self._before:
+            return _UNCHANGED
         changed: dict[str, str] = {}
         deleted = []
         for key, before in self._before.items():

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Mapping
 
-from .base import Changes, Record, SessionStore, log, now
+from .base import Changes, Record, SessionStore, json_value, log, now
 
 
 class MemoryStore(SessionStore):
@@ -25,7 +24,7 @@ class MemoryStore(SessionStore):
                 return None
             data, expires = entry
         try:
-            return Record({k: json.loads(v) for k, v in data.items()}, expires)
+            return Record({k: json_value(v) for k, v in data.items()}, expires)
         except (ValueError, RecursionError):
             log.warning("Ignoring a malformed session record in memory")
             return None

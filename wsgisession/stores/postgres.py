@@ -6,10 +6,16 @@ import hashlib
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
 import psycopg2.extras
 
-from .base import Changes, json_object, now
+from .base import Changes, json_object, log, now
 from .sql import SQLStore
+
+#: What a server says when a statement this connection prepared is not there (behind a pooler
+#: that moves the connection between server connections) or no longer fits (after ALTER TABLE).
+_UNPREPARED = (psycopg2.errors.InvalidSqlStatementName, psycopg2.errors.FeatureNotSupported)
 
 
 class PostgresStore(SQLStore):
@@ -36,6 +42,12 @@ class PostgresStore(SQLStore):
         super().__init__(table, cleanup_interval, pool_size, timeout)
         self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
         self._sql_merge = self._merge_sql()
+        # The statements each request runs, prepared once per connection: the server then
+        # parses and plans them once, not on every call (about a third of a read's time).
+        self._prepared = {
+            sql: _prepared(sql)
+            for sql in (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge)
+        }
         if create_table:
             self.setup()
 
@@ -52,7 +64,12 @@ class PostgresStore(SQLStore):
         return ["BEGIN", f"SELECT pg_advisory_xact_lock({self._lock_id})", *self.schema(), "COMMIT"]
 
     def _connect(self) -> Any:
-        conn = psycopg2.connect(self.dsn, connect_timeout=max(1, round(self._timeout)), application_name="wsgisession")
+        conn = psycopg2.connect(
+            self.dsn,
+            connect_timeout=max(1, round(self._timeout)),
+            application_name="wsgisession",
+            connection_factory=_Connection,
+        )
         conn.autocommit = True
         # JSON columns come back as text, decoded by the store, which copes with malformed records.
         psycopg2.extras.register_default_json(conn, loads=_text)
@@ -70,8 +87,36 @@ class PostgresStore(SQLStore):
         return (list(changes.deleted), json_object(changes.set), expires, key, now())
 
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
-        cur.execute(self._sql_merge, self._merge_params(key, changes, expires))
+        self._execute(cur, self._sql_merge, self._merge_params(key, changes, expires))
         return bool(cur.rowcount)
+
+    def _execute(self, cur: Any, sql: str, params: tuple[Any, ...]) -> None:
+        """Run ``sql`` as the statement prepared on this connection (prepared in the same round
+        trip on first use).
+
+        Behind a pooler that hands each transaction to any server connection (PgBouncer in
+        transaction mode), a statement is not prepared where the next call runs: the first
+        sign of that makes this store run its statements unprepared from then on.
+        """
+        statement = self._prepared.get(sql) if self._prepared else None
+        if statement is not None:
+            prepare, execute = statement
+            known = cur.connection.prepared
+            try:
+                if prepare not in known:
+                    try:
+                        cur.execute(f"{prepare}; {execute}", params)
+                    except psycopg2.errors.DuplicatePreparedStatement:  # by a call whose EXECUTE failed
+                        cur.execute(execute, params)
+                    known.add(prepare)
+                else:
+                    cur.execute(execute, params)
+                return
+            except _UNPREPARED as exc:
+                if self._prepared:
+                    self._prepared = {}
+                    log.info("PostgreSQL: statements are no longer prepared (%s)", str(exc).strip())
+        cur.execute(sql, params)
 
     def _claim_cleanup(self, cur: Any) -> bool:
         # A transaction-level lock: held only for one batch, and valid behind PgBouncer.
@@ -81,3 +126,20 @@ class PostgresStore(SQLStore):
 
 def _text(value: str) -> str:
     return value
+
+
+class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
+    """A psycopg2 connection that remembers the statements prepared on it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.prepared: set[str] = set()
+
+
+def _prepared(sql: str) -> tuple[str, str]:
+    """``PREPARE`` and ``EXECUTE`` for ``sql`` (``%s`` parameters), named after its text: two
+    different statements never share a name, even on a server connection a pooler shares."""
+    name = "wsgisession_" + hashlib.sha256(sql.encode()).hexdigest()[:20]
+    first, *rest = sql.split("%s")
+    body = first + "".join(f"${number}{part}" for number, part in enumerate(rest, 1))
+    return f"PREPARE {name} AS {body}", f"EXECUTE {name} ({', '.join(['%s'] * len(rest))})"

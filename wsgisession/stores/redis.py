@@ -8,7 +8,6 @@ transaction or script is the session's own, so each lands in one hash slot of a 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import weakref
@@ -23,7 +22,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .base import Changes, Record, SessionStore, StoreError, log, now
+from .base import Changes, Record, SessionStore, StoreError, json_value, log, now
 
 #: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
 #: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
@@ -117,7 +116,7 @@ class RedisStore(SessionStore):
         try:
             fields: dict[bytes, bytes] = self.client.hgetall(self.prefix + key)  # type: ignore[assignment]
             stamp = fields.pop(_EXPIRES, None)
-            data = {k.decode(): json.loads(v.decode()) for k, v in fields.items()}
+            data = {k.decode(): json_value(v.decode()) for k, v in fields.items()}
             expires = float(stamp) if stamp is not None else now()  # unknown: refresh it soon
         except redis.ResponseError as exc:
             if not wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now

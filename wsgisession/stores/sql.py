@@ -12,6 +12,7 @@ import json
 import os
 import re
 import threading
+import time
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -39,33 +40,71 @@ _inherited: list[Any] = []
 
 
 class Pool:
-    """A bounded, thread-safe pool of DB-API connections for one process."""
+    """A bounded, thread-safe pool of DB-API connections for one process.
+
+    The last connection returned is lent first. Lending an idle connection takes no lock
+    (``list.pop`` and ``append`` are atomic); only opening one, or waiting when ``size`` are
+    out, does.
+    """
 
     def __init__(self, connect: Callable[[], Any], size: int, timeout: float) -> None:
         self._connect = connect
         self._idle: list[Any] = []
-        self._slots = threading.BoundedSemaphore(size)
+        self._size = size
+        self._open = 0  # connections made and not yet closed
+        self._waiting = 0  # threads waiting for one
+        self._changed = threading.Condition()
         self._timeout = timeout
         self._closed = False
 
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        """Lend a connection; one that saw an error is closed, never lent again."""
-        if not self._slots.acquire(timeout=self._timeout):
-            raise StoreError(f"no free database connection within {self._timeout} s")
+    def acquire(self) -> Any:
+        """Lend a connection: an idle one, a new one, or the next one returned within the timeout."""
         try:
-            conn = self._idle.pop() if self._idle else self._connect()
+            return self._idle.pop()
+        except IndexError:
+            return self._open_or_wait()
+
+    def release(self, conn: Any) -> None:
+        """Take a lent connection back."""
+        if self._closed:
+            self.discard(conn)
+            return
+        self._idle.append(conn)
+        if self._waiting:  # read after the append: a waiter counted itself before it looked
+            with self._changed:
+                self._changed.notify()
+
+    def discard(self, conn: Any) -> None:
+        """Close a lent connection (one that saw an error), never to lend it again."""
+        _close_quietly(conn)
+        with self._changed:
+            self._open -= 1
+            self._changed.notify()
+
+    def _open_or_wait(self) -> Any:
+        deadline = time.monotonic() + self._timeout
+        with self._changed:
+            self._waiting += 1
             try:
-                yield conn
-            except BaseException:
-                _close_quietly(conn)
-                raise
-            if self._closed:
-                _close_quietly(conn)
-            else:
-                self._idle.append(conn)
-        finally:
-            self._slots.release()
+                while True:
+                    with contextlib.suppress(IndexError):
+                        return self._idle.pop()
+                    if self._open < self._size:
+                        self._open += 1
+                        break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise StoreError(f"no free database connection within {self._timeout} s")
+                    self._changed.wait(remaining)
+            finally:
+                self._waiting -= 1
+        try:
+            return self._connect()
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
 
     def close(self) -> None:
         self._closed = True
@@ -169,11 +208,15 @@ class SQLStore(SessionStore):
         """Whether this process may delete the next batch (one cleaner at a time)."""
         return True
 
+    def _execute(self, cur: Any, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one of the statements a request runs, on its own (autocommit)."""
+        cur.execute(sql, params)
+
     # -- the store contract ------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
         with self._cursor() as cur:
-            cur.execute(self._sql_load, (key,))
+            self._execute(cur, self._sql_load, (key,))
             row = cur.fetchone()
         if row is None or row[1] <= now():
             return None
@@ -182,7 +225,7 @@ class SQLStore(SessionStore):
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._cursor() as cur:
             expires = now() + ttl
-            cur.execute(self._sql_create, (key, self._document(data, expires), expires))
+            self._execute(cur, self._sql_create, (key, self._document(data, expires), expires))
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         with self._cursor() as cur:
@@ -191,12 +234,12 @@ class SQLStore(SessionStore):
     def touch(self, key: str, ttl: float) -> bool:
         t = now()
         with self._cursor() as cur:
-            cur.execute(self._sql_touch, (t + ttl, key, t))
+            self._execute(cur, self._sql_touch, (t + ttl, key, t))
             return bool(cur.rowcount)
 
     def delete(self, key: str) -> None:
         with self._cursor() as cur:
-            cur.execute(self._sql_delete, (key,))
+            self._execute(cur, self._sql_delete, (key,))
 
     def ping(self) -> None:
         with self._cursor() as cur:
@@ -247,14 +290,27 @@ class SQLStore(SessionStore):
 
     @contextlib.contextmanager
     def _cursor(self, pooled: bool = True) -> Iterator[Any]:
+        """A cursor on a pooled connection (``pooled=False``: on a connection of its own, closed
+        after). A connection that saw an error is closed; driver errors become :class:`StoreError`."""
+        pool = (self._pool or self._start()) if pooled else None
         try:
-            connection = (self._pool or self._start()).connection() if pooled else contextlib.closing(self._connect())
-            with connection as conn:
+            conn = pool.acquire() if pool is not None else self._connect()
+            try:
                 cur = conn.cursor()
                 try:
                     yield cur
                 finally:
                     cur.close()
+            except BaseException:
+                if pool is not None:
+                    pool.discard(conn)
+                else:
+                    _close_quietly(conn)
+                raise
+            if pool is not None:
+                pool.release(conn)
+            else:
+                conn.close()
         except self.errors as exc:
             raise StoreError(f"{type(self).__name__}: {exc}".strip()) from exc
 
