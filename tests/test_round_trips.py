@@ -258,7 +258,7 @@ def counted(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterat
         cleanups.append(store.close)
         counted = Counted(kind, store, wires)
         # Warm up: open the connections, and load the Redis update script (the first update on a
-        # fresh server costs a NOSCRIPT reply and a SCRIPT LOAD, once per server start).
+        # fresh server costs a NOSCRIPT reply and an EVAL, once per server start).
         cookie = login(counted)
         call(counted, "/write", cookie)
         yield counted

@@ -563,3 +563,16 @@ def test_postgres_reads_on_after_a_column_changes_type_under_its_prepared_statem
         cur.execute(f"ALTER TABLE {store.table} ALTER COLUMN data TYPE json")
     record = store.load(key)
     assert record is not None and record.data == {"user": "ann"}
+
+
+def test_redis_updates_on_a_server_that_lost_its_scripts(make_store: Any) -> None:
+    """A restarted or SCRIPT FLUSHed server no longer knows the update script by its digest."""
+    store = make_store("redis")
+    key = new_key()
+    store.create(key, encode_all({"n": 1}), TTL)
+    assert store.update(key, Changes(set=encode_all({"n": 2})), TTL)
+    store.client.script_flush()
+    assert store.update(key, Changes(set=encode_all({"n": 3})), TTL)
+    assert store.touch(key, TTL)
+    record = store.load(key)
+    assert record is not None and record.data == {"n": 3}

@@ -8,6 +8,7 @@ transaction or script is the session's own, so each lands in one hash slot of a 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import weakref
@@ -55,6 +56,7 @@ redis.call('hset', KEYS[1], ARGV[2], ARGV[3])
 redis.call('pexpire', KEYS[1], ARGV[1])
 return 1
 """
+_UPDATE_SHA = hashlib.sha1(_UPDATE.encode(), usedforsecurity=False).hexdigest()
 
 
 class RedisStore(SessionStore):
@@ -109,7 +111,6 @@ class RedisStore(SessionStore):
 
     @client.setter
     def client(self, client: Client) -> None:
-        self._update = client.register_script(_UPDATE)
         self._client = client
 
     def load(self, key: str) -> Record | None:
@@ -147,11 +148,19 @@ class RedisStore(SessionStore):
         args: list[Any] = [milliseconds(ttl), EXPIRES, repr(now() + ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
-        client = self.client
-        return bool(self._run(self._update, keys=[self.prefix + key], args=args, client=client))
+        return bool(self._run(self._update_script, self.prefix + key, *args))
 
     def touch(self, key: str, ttl: float) -> bool:
         return self.update(key, Changes({}), ttl)
+
+    def _update_script(self, name: str, *args: Any) -> Any:
+        """Run the update script by its digest; a server that lacks it (new, restarted or flushed)
+        is sent the script itself, which it then keeps."""
+        client = self.client
+        try:
+            return client.evalsha(_UPDATE_SHA, 1, name, *args)
+        except redis.exceptions.NoScriptError:
+            return client.eval(_UPDATE, 1, name, *args)
 
     def delete(self, key: str) -> None:
         self._run(self.client.delete, self.prefix + key)
