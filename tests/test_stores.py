@@ -179,6 +179,17 @@ def test_update_with_only_deletes_and_only_sets(store: SessionStore) -> None:
     assert record.data == {"b": 2, "c": 3, "d": 4}
 
 
+def test_update_of_thousands_of_keys_at_once(store: SessionStore) -> None:
+    """More changed keys than one command takes at a time (Redis's script sends them in chunks)."""
+    key = new_key()
+    store.create(key, encode_all({f"old{i}": i for i in range(2500)}), TTL)
+    deleted = tuple(f"old{i}" for i in range(1, 2500, 2))
+    assert store.update(key, Changes(set=encode_all({f"new{i}": [i] for i in range(2345)}), deleted=deleted), TTL)
+    record = store.load(key)
+    assert record is not None
+    assert record.data == {**{f"old{i}": i for i in range(0, 2500, 2)}, **{f"new{i}": [i] for i in range(2345)}}
+
+
 def test_update_and_touch_extend_expiry(store: SessionStore) -> None:
     touched, updated = new_key(), new_key()
     store.create(touched, encode_all({"a": 1}), 1.0)

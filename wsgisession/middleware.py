@@ -8,7 +8,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from werkzeug.http import http_date
 
@@ -27,6 +27,16 @@ VERIFIED_CACHE = 4096  # genuine cookie values remembered, per middleware
 _UNAVAILABLE = b"Session store unavailable\n"
 _UNAVAILABLE_HEADERS = (("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(_UNAVAILABLE))))
 Headers = list[tuple[str, str]]
+
+
+class Identity(NamedTuple):
+    """A genuine session cookie: the session it names and how it was signed."""
+
+    id: str
+    created: int | None  # Unix seconds; None in the express-session format
+    current: bool  # signed with the current (first) secret
+    key: str  # the id's store key
+    value: str  # the cookie value itself
 
 
 class SessionMiddleware:
@@ -78,7 +88,7 @@ class SessionMiddleware:
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, self.settings.max_age / 10)
         self._attributes = {secure: _cookie_attributes(self.settings, secure) for secure in (False, True)}
-        self._verified: dict[str, tuple[str, int | None, bool, str]] = {}
+        self._verified: dict[str, Identity] = {}
         self._failures = _RateLimitedLog()
         self._tossing = _RateLimitedLog()
 
@@ -109,8 +119,8 @@ class SessionMiddleware:
                 values.append(value.strip().strip('"'))
         return values
 
-    def identify(self, values: list[str]) -> tuple[str, int | None, bool, str] | None:
-        """The session a request's cookie values name: ``(id, created, signed_with_current_key, store_key)``.
+    def identify(self, values: list[str]) -> Identity | None:
+        """The session a request's cookie values name.
 
         Forged and malformed values are ignored. Two genuine values naming different sessions
         (a sibling domain tossing its own cookie in) name none: the request gets a fresh session.
@@ -124,19 +134,24 @@ class SessionMiddleware:
                 self._tossing.report("Several session cookies name different sessions; none is used")
                 return None
             found = genuine
-        if found is not None and found[1] is not None and found[1] + self.settings.absolute_timeout <= time.time():
+        if (
+            found is not None
+            and found.created is not None
+            and found.created + self.settings.absolute_timeout <= time.time()
+        ):
             return None  # past its absolute lifetime, however active
         return found
 
-    def _verify(self, value: str) -> tuple[str, int | None, bool, str] | None:
-        """``signer.unsign(value)`` and the id's store key, remembered for genuine values: an active
-        user's cookie is checked once, not on every request (the absolute lifetime is checked every time)."""
+    def _verify(self, value: str) -> Identity | None:
+        """``signer.unsign(value)``, remembered for genuine values: an active user's cookie is
+        checked once, not on every request (the absolute lifetime is checked every time)."""
         found = self._verified.get(value)
         if found is None:
             unsigned = self.signer.unsign(value)
             if unsigned is None:
                 return None
-            found = (*unsigned, self.store_key(unsigned[0]))
+            session_id, created, current = unsigned
+            found = Identity(session_id, created, current, self.store_key(session_id), value)
             if len(self._verified) >= VERIFIED_CACHE:
                 self._verified.clear()
             self._verified[value] = found
@@ -149,8 +164,9 @@ class SessionMiddleware:
             return self.settings.max_age
         return min(self.settings.max_age, created + self.settings.absolute_timeout - time.time())
 
-    def save(self, session: Session, environ: WSGIEnvironment, resign: bool, had_cookie: bool) -> Headers:
-        """Write what the request changed and return the headers that go with it."""
+    def save(self, session: Session, environ: WSGIEnvironment, cookie: Identity | None, had_cookie: bool) -> Headers:
+        """Write what the request changed and return the headers that go with it (``cookie``: the
+        request's genuine session cookie, if any; ``had_cookie``: whether it carried one at all)."""
         loaded_id, data, store = session._loaded_id, session._loaded(), self.store
         if loaded_id is None or session._id != loaded_id:  # a new record is needed
             encoded = self._encode_within_limit(data)  # before anything is deleted
@@ -164,20 +180,26 @@ class SessionMiddleware:
             session._created = created
             return [self.cookie(environ, session_id, created)]
         created = session._created
+        key = cookie.key if cookie is not None else self.store_key(loaded_id)
         if not data:
-            store.delete(self.store_key(loaded_id))
+            store.delete(key)
             return [self.expired_cookie(environ)]
         changes, ttl = session.changes(), self.ttl(created)
+        resign = cookie is not None and not cookie.current  # signed with an older secret
         if changes.set or changes.deleted:
             self._check_size({k: changes.set.get(k) or measure(v) for k, v in data.items()})
-            extended = store.update(self.store_key(loaded_id), changes, ttl)
+            extended = store.update(key, changes, ttl)
         elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
-            extended = store.touch(self.store_key(loaded_id), ttl)
+            extended = store.touch(key, ttl)
         else:
             return []  # an unchanged read: nothing to write, no cookie
         # A session deleted meanwhile (a logout, or a login's regenerate() in another request)
         # stays deleted; no cookie either, so this response cannot undo the other's cookie.
-        return [self.cookie(environ, loaded_id, created)] if extended else []
+        if not extended:
+            return []
+        # A value the current secret signed goes back as it came (the native format has one spelling).
+        value = cookie.value if cookie is not None and not resign and not self.express else None
+        return [self.cookie(environ, loaded_id, created, value)]
 
     def _encode_within_limit(self, data: dict[str, Any]) -> dict[str, str]:
         """Every value as JSON, for a new record; see :meth:`_check_size`."""
@@ -197,11 +219,14 @@ class SessionMiddleware:
                 "(SESSION_MAX_SIZE); nothing was saved"
             )
 
-    def cookie(self, environ: WSGIEnvironment, session_id: str, created: int | None) -> tuple[str, str]:
-        """The Set-Cookie header that hands the session to the browser, for as long as it may live."""
+    def cookie(
+        self, environ: WSGIEnvironment, session_id: str, created: int | None, value: str | None = None
+    ) -> tuple[str, str]:
+        """The Set-Cookie header that hands the session to the browser, for as long as it may live
+        (``value``: the signed value, when the caller has it already)."""
         max_age = max(1, math.ceil(self.ttl(created)))
         expires = _http_date(int(time.time()) + max_age)
-        value = self.signer.sign(session_id, created)
+        value = value or self.signer.sign(session_id, created)
         return ("Set-Cookie", f"{self.settings.cookie_name}={value}; Expires={expires}; Max-Age={max_age}"
                               f"{self._attributes[self._secure(environ)]}")  # fmt: skip
 
@@ -231,14 +256,14 @@ def _http_date(seconds: int) -> str:
 class _Request:
     """One request's session state: the lazy load, and the save when the response starts."""
 
-    __slots__ = ("_start_response", "environ", "failed", "had_cookie", "middleware", "replaced", "resign", "session")
+    __slots__ = ("_start_response", "cookie", "environ", "failed", "had_cookie", "middleware", "replaced", "session")
 
     def __init__(self, middleware: SessionMiddleware, environ: WSGIEnvironment, start_response: StartResponse):
         self.middleware = middleware
         self.environ = environ
         self.session = Session(self.load, middleware.new_id)
         self.failed = False  # the store failed: the session is neither saved nor its cookie changed
-        self.resign = False  # the cookie was signed with an older key
+        self.cookie: Identity | None = None  # the genuine session cookie it carried, if any
         self.had_cookie = False  # the request carried a session cookie, genuine or not
         self.replaced = False  # a 503 went out instead of the application's response
         self._start_response = start_response
@@ -249,16 +274,15 @@ class _Request:
         found = self.middleware.identify(values)
         if found is None:
             return Loaded(None, {})
-        session_id, created, current, key = found
         try:
-            record = self.middleware.store.load(key)
+            record = self.middleware.store.load(found.key)
         except StoreError as exc:
             self.fail("loading", exc)
             return Loaded(None, {})
         if record is None:
             return Loaded(None, {})
-        self.resign = not current
-        return Loaded(session_id, record.data, record.expires, created)
+        self.cookie = found
+        return Loaded(found.id, record.data, record.expires, found.created)
 
     def start_response(self, status: str, headers: Headers, exc_info: Any = None) -> Callable[[bytes], object]:
         session = self.session
@@ -269,7 +293,7 @@ class _Request:
                 _add_vary_cookie(headers)
                 if not self.failed:
                     try:
-                        headers.extend(self.middleware.save(session, self.environ, self.resign, self.had_cookie))
+                        headers.extend(self.middleware.save(session, self.environ, self.cookie, self.had_cookie))
                     except StoreError as exc:
                         self.fail("saving", exc)
         if self.failed and self.middleware.settings.fail_on_store_error:

@@ -43,17 +43,15 @@ _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 EXPIRES = "\x00expires"
 _EXPIRES = EXPIRES.encode()
 
-# Apply per-key changes only if the session still exists, then extend its life:
-# one round trip, atomic, so a concurrent logout is never undone.
-# ARGV: ttl in ms, the expiry field and its value, the number n of deleted fields, those n
-# fields, then field/value pairs.
+# Extend the session's life and apply per-key changes, only if the session still exists:
+# one round trip, atomic, so a concurrent logout is never undone. ARGV: the TTL in ms, the
+# number n of deleted fields, those n fields, then field/value pairs (the expiry's last).
+# Commands take at most 1000 arguments from the script's stack at a time.
 _UPDATE = """
-if redis.call('exists', KEYS[1]) == 0 then return 0 end
-local n = tonumber(ARGV[4])
-for i = 5, 4 + n do redis.call('hdel', KEYS[1], ARGV[i]) end
-for i = 5 + n, #ARGV, 2 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('hset', KEYS[1], ARGV[2], ARGV[3])
-redis.call('pexpire', KEYS[1], ARGV[1])
+if redis.call('pexpire', KEYS[1], ARGV[1]) == 0 then return 0 end
+local n = tonumber(ARGV[2])
+for i = 3, 2 + n, 1000 do redis.call('hdel', KEYS[1], unpack(ARGV, i, math.min(i + 999, 2 + n))) end
+for i = 3 + n, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 return 1
 """
 _UPDATE_SHA = hashlib.sha1(_UPDATE.encode(), usedforsecurity=False).hexdigest()
@@ -145,9 +143,10 @@ class RedisStore(SessionStore):
         self._run(create)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
-        args: list[Any] = [milliseconds(ttl), EXPIRES, repr(now() + ttl), len(changes.deleted), *changes.deleted]
+        args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
+        args += (EXPIRES, repr(now() + ttl))
         return bool(self._run(self._update_script, self.prefix + key, *args))
 
     def touch(self, key: str, ttl: float) -> bool:
