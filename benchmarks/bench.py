@@ -8,7 +8,7 @@ Run it from the repository root, with Redis and PostgreSQL on loopback::
 
 REDIS_URL and DATABASE_URL (default: redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/test)
 must point at 127.0.0.1 or localhost. Every run uses its own tables and key prefixes and removes them
-afterwards. The default run takes about a minute and a half; ``--http`` adds about four (``wrk``:
+afterwards. The default run takes about two minutes; ``--http`` adds about seven (``wrk``:
 ``apt-get install wrk``).
 
 Variants (benchmarks/apps.py), all answering the same paths:
@@ -38,7 +38,8 @@ which is what the comparison with the peers uses.
 ``--http``: each variant under gunicorn (2 workers, gthread), loaded by ``wrk`` (or, without it, a
 Python generator) with ``--connections`` concurrent connections for ``--duration`` seconds per
 workload, rotating over as many sessions: requests/s (median over ``--http-rounds`` rounds, each
-in a new order; ``±%``: max - min over them), median and 99th percentile latency, errors. The load
+in a new order; ``±%``: max - min over them; ``xraw req/s``: the median of the rounds' ratios),
+median and 99th percentile latency, errors. The load
 generator runs on the same machine as the servers: compare the ``untouched`` rows, the same code
 in every variant, to see how much of a difference is noise.
 """
@@ -201,9 +202,9 @@ class Timing:
     rounds: list[float]  # µs per request in each round, in round order
 
 
-def paired(a: Timing, b: Timing) -> float:
-    """``a``'s time over ``b``'s: the median of the rounds' ratios. The two batches of a round ran
-    seconds apart, so a slower or faster spell of the machine between rounds cancels out."""
+def paired(a: Timing | Load, b: Timing | Load) -> float:
+    """``a``'s figure over ``b``'s: the median of the rounds' ratios. The two ran close together in
+    each round, so a slower or faster spell of the machine between rounds cancels out."""
     return statistics.median(x / y for x, y in zip(a.rounds, b.rounds, strict=True))
 
 
@@ -257,6 +258,7 @@ class Load:
     p99_ms: float
     errors: int
     spread: float = 0.0  # of requests/s over the rounds: (max - min) in % of the median
+    rounds: list[float] = field(default_factory=list)  # requests/s in each round, in round order
 
 
 def free_port() -> int:
@@ -407,6 +409,7 @@ def over_http(
             statistics.median(x.p99_ms for x in runs),
             sum(x.errors for x in runs),
             100 * (max(rps) - min(rps)) / median if median else 0.0,
+            rps,
         )
     return results
 
@@ -414,11 +417,7 @@ def over_http(
 # -- the report --------------------------------------------------------------------------
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}" if a and b else ""
-
-
-def paired_ratio(a: Timing | None, b: Timing | None) -> str:
+def paired_ratio(a: Timing | Load | None, b: Timing | Load | None) -> str:
     return f"{paired(a, b):.2f}" if a and b else ""
 
 
@@ -449,7 +448,7 @@ def report(
                 load = loads.get((v.key, w))
                 raw_load = loads.get((raw, w)) if raw else None
                 row += (
-                    [f"{load.rps:.0f}", f"{load.spread:.0f}", ratio(load.rps, raw_load.rps if raw_load else None),
+                    [f"{load.rps:.0f}", f"{load.spread:.0f}", paired_ratio(load, raw_load),
                      f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}", str(load.errors)] if load else [""] * 6
                 )  # fmt: skip
             rows.append(row)
@@ -487,7 +486,7 @@ def report(
         for store in ("redis", "postgres"):
             ws, raw = loads.get((f"wsgisession-{store}", "read")), loads.get((f"raw-{store}", "read"))
             if ws and raw:
-                r = ws.rps / raw.rps
+                r = paired(ws, raw)
                 text = f"HTTP read on {store} >= {HTTP_TARGET}x raw req/s: {r:.2f}x ({ws.rps:.0f} vs {raw.rps:.0f})"
                 target(text, r >= HTTP_TARGET, f"{HTTP_TARGET - r:.2f}x, {HTTP_TARGET * raw.rps - ws.rps:.0f} req/s")
     return lines
@@ -556,7 +555,7 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also measure each variant under gunicorn")
     parser.add_argument("--connections", type=int, default=100, help="HTTP: concurrent connections")
     parser.add_argument("--duration", type=float, default=2, help="HTTP: seconds per variant, workload and round")
-    parser.add_argument("--http-rounds", type=int, default=2, help="HTTP: rounds (the median is reported)")
+    parser.add_argument("--http-rounds", type=int, default=3, help="HTTP: rounds (the median is reported)")
     parser.add_argument("--threads", type=int, default=8, help="HTTP: gthread threads per gunicorn worker")
     parser.add_argument("--profile", metavar="VARIANT:WORKLOAD", help="profile one variant in-process, and stop")
     parser.add_argument("--profile-calls", type=int, default=20000)

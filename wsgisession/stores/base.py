@@ -15,6 +15,7 @@ import time
 import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple
 
 log = logging.getLogger("wsgisession")
@@ -90,8 +91,8 @@ class SessionStore(ABC):
 
 
 def json_object(items: Mapping[str, str]) -> str:
-    """Join already-encoded values into the text of one JSON object."""
-    return "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in items.items()) + "}"
+    """Join already-encoded values into the text of one JSON object (keys as ``json.dumps`` writes them)."""
+    return "{" + ",".join(f"{encode_basestring_ascii(k)}:{v}" for k, v in items.items()) + "}"
 
 
 _raw_decode = json.JSONDecoder().raw_decode
