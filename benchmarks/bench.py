@@ -8,7 +8,7 @@ Run it from the repository root, with Redis and PostgreSQL on loopback::
 
 REDIS_URL and DATABASE_URL (default: redis://127.0.0.1:6379/0 and postgresql://postgres@127.0.0.1:5432/test)
 must point at 127.0.0.1 or localhost. Every run uses its own tables and key prefixes and removes them
-afterwards. The default run takes about two minutes; ``--http`` adds about seven (``wrk``:
+afterwards. The default run takes about two minutes; ``--http`` adds about five (``wrk``:
 ``apt-get install wrk``).
 
 Variants (benchmarks/apps.py), all answering the same paths:
