@@ -203,8 +203,9 @@ class Timing:
 
 
 def paired(a: Timing | Load, b: Timing | Load) -> float:
-    """``a``'s figure over ``b``'s: the median of the rounds' ratios. The two ran close together in
-    each round, so a slower or faster spell of the machine between rounds cancels out."""
+    """``a``'s figure over ``b``'s: the median of the rounds' ratios. The two ran in the same round
+    (seconds apart in process, within a minute or so over HTTP), so a slower or faster spell of the
+    machine between rounds cancels out; one within a round does not."""
     return statistics.median(x / y for x, y in zip(a.rounds, b.rounds, strict=True))
 
 

@@ -220,7 +220,7 @@ def test_secure_values(raw: str, expected: bool | None) -> None:
     assert load(SESSION_COOKIE_SECURE=raw).cookie_secure is expected
 
 
-@pytest.mark.parametrize("variable", ["SESSION_COOKIE_SECURE", "SESSION_FAIL_ON_STORE_ERROR"])
+@pytest.mark.parametrize("variable", ["SESSION_COOKIE_SECURE", "SESSION_FAIL_ON_STORE_ERROR", "SESSION_PG_PREPARE"])
 @pytest.mark.parametrize("value", ["maybe", "2", "tru", "enabled"])
 def test_invalid_booleans_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -303,3 +303,13 @@ def test_forced_postgres_that_is_unreachable_fails_at_start(stores, redis_url: s
     with pytest.raises((StoreError, ConfigError)) as error:
         detect(stores, SESSION_STORE="postgres", REDIS_URL=redis_url, DATABASE_URL=url)
     assert "pg-pw-7710" not in str(error.value)
+
+
+def test_session_pg_prepare_false_reaches_the_postgres_store(stores, database_url: str, table: str) -> None:
+    """For a pooler that pins a client that prepares (RDS Proxy): the store prepares nothing."""
+    store = detect(stores, DATABASE_URL=database_url, SESSION_TABLE=table, SESSION_PG_PREPARE="false")
+    assert isinstance(store, PostgresStore)
+    assert_works(store)
+    with store._cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_prepared_statements")
+        assert cur.fetchone()[0] == 0

@@ -841,6 +841,37 @@ def test_session_cookie_is_found_among_others() -> None:
     assert browser.app.get("/read", headers=headers).json == {"user": "ann", "cart": [1]}
 
 
+def test_a_write_sends_back_the_cookie_it_came_with_and_a_fresh_expiry() -> None:
+    """The signed value names the session and its creation time, so a write renews only its expiry."""
+    browser, store = logged_in()
+    before = browser.cookie
+    res = browser.get("/set?n=1")
+    cookie = set_cookie(res)
+    assert cookie is not None and cookie["value"] == before
+    assert cookie["max-age"] == str(24 * 3600)
+    assert store.calls == ["load", "update"]
+
+
+def test_a_quoted_cookie_comes_back_unquoted() -> None:
+    browser, _ = logged_in()
+    value = browser.cookie
+    res = browser.get("/set?n=1", cookie=f'"{value}"')
+    cookie = set_cookie(res)
+    assert cookie is not None and cookie["value"] == value
+
+
+def test_a_write_with_an_older_key_re_signs_the_cookie() -> None:
+    store = CountingStore()
+    old = Browser(middleware(store, secret=OLD_SECRET))
+    old.get("/set?user=ann")
+    assert old.cookie is not None
+    rotated = Browser(middleware(store, secret=[SECRET, OLD_SECRET]))
+    res = rotated.get("/set?n=1", cookie=old.cookie)
+    cookie = set_cookie(res)
+    assert cookie is not None and cookie["value"] != old.cookie
+    assert Signer([SECRET]).unsign(cookie["value"]) == (old.session_id, int(old.cookie.split(".")[1]), True)
+
+
 def test_older_rotation_key_is_accepted_and_resigned() -> None:
     store = CountingStore()
     old_browser = Browser(middleware(store, secret=OLD_SECRET))

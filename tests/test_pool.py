@@ -135,3 +135,36 @@ def test_connections_returned_after_close_are_closed() -> None:
     assert idle.closed
     pool.release(lent)
     assert lent.closed
+
+
+def test_close_wakes_a_waiter_at_once_with_a_store_error() -> None:
+    pool = Pool(Opened(), size=1, timeout=10)
+    pool.acquire()
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            pool.acquire()
+        except StoreError as exc:
+            failed.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    pool.close()
+    waiter.join(5)
+    assert failed and "closed" in str(failed[0])
+    assert time.monotonic() - started < 2  # not the 10 s timeout
+
+
+def test_a_connection_whose_close_is_interrupted_still_frees_its_place() -> None:
+    class Interrupted(Connection):
+        def close(self) -> None:
+            raise KeyboardInterrupt
+
+    pool = Pool(lambda: Interrupted(0), size=1, timeout=0.5)
+    conn = pool.acquire()
+    with pytest.raises(KeyboardInterrupt):
+        pool.discard(conn)
+    assert pool.acquire() is not None  # the bound is not left one short

@@ -563,17 +563,42 @@ def test_postgres_runs_unprepared_once_the_server_forgot_its_statements(
     assert prepared_here(store) == 0
 
 
-def test_postgres_reads_on_after_a_column_changes_type_under_its_prepared_statement(make_store: Any) -> None:
+def test_postgres_reads_on_after_a_column_changes_type_under_its_prepared_statement(
+    make_store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     """ALTER TABLE while the application runs: the server refuses the prepared read ("cached plan
-    must not change result type"); the store reads unprepared instead."""
+    must not change result type"); the store reads unprepared, then prepares the read anew."""
     store = make_store("postgres")
     key = new_key()
     store.create(key, encode_all({"user": "ann"}), TTL)
     assert store.load(key) is not None
     with store._cursor() as cur:
         cur.execute(f"ALTER TABLE {store.table} ALTER COLUMN data TYPE json")
+    with caplog.at_level("INFO", logger="wsgisession"):
+        for _ in range(2):
+            record = store.load(key)
+            assert record is not None and record.data == {"user": "ann"}
+    assert prepared_here(store) == 2  # create, and the read prepared again
+    assert not [r for r in caplog.records if "no longer prepared" in r.getMessage()]
+
+
+def test_postgres_uses_a_statement_prepared_by_a_call_that_then_failed(make_store: Any) -> None:
+    """PREPARE outlives an EXECUTE that failed in the same round trip: the next call finds the
+    name taken, and runs the statement that holds it."""
+    store = make_store("postgres")
+    key = new_key()
+    store.create(key, encode_all({"n": 1}), TTL)
+    with store._cursor() as cur:
+        cur.execute(store._prepared[store._sql_load].prepare)  # on the one pooled connection
     record = store.load(key)
-    assert record is not None and record.data == {"user": "ann"}
+    assert record is not None and record.data == {"n": 1}
+    assert store._prepared  # still preparing
+
+
+def test_postgres_prepares_nothing_when_told_not_to(make_store: Any) -> None:
+    store = make_store("postgres", prepare=False)
+    every_statement(store, new_key())
+    assert prepared_here(store) == 0
 
 
 def test_redis_updates_on_a_server_that_lost_its_scripts(make_store: Any) -> None:

@@ -2,13 +2,14 @@
 
 from .config import ConfigError, Settings, create_session_store
 from .middleware import SessionMiddleware
-from .session import Session, SessionTooLarge, SessionValueError
+from .session import Loaded, Session, SessionTooLarge, SessionValueError
 from .stores import MemoryStore, SessionStore, SQLiteStore, StoreError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Loaded",
     "MemoryStore",
     "SQLiteStore",
     "Session",

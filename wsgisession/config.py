@@ -59,6 +59,7 @@ class Settings:
     store_timeout: float = 1.0
     cleanup_interval: float = 120.0
     probe_interval: float = 1.0
+    pg_prepare: bool = True
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -175,6 +176,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "store_timeout": ("SESSION_STORE_TIMEOUT", float),
     "cleanup_interval": ("SESSION_CLEANUP_INTERVAL", float),
     "probe_interval": ("SESSION_PROBE_INTERVAL", float),
+    "pg_prepare": ("SESSION_PG_PREPARE", _flag),
 }
 
 
@@ -320,6 +322,7 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
         "cleanup_interval": cleanup_interval,
         "timeout": max(settings.store_timeout, 1.0),
         "create_table": False,  # the caller runs setup(), and decides what a failure means
+        "prepare": settings.pg_prepare,
     }
     if settings.format == "express":
         return ConnectPgStore(settings.database_url, document=express_document(settings), **options)

@@ -100,8 +100,9 @@ class Session(MutableMapping[str, Any]):
 
     __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_new_id", "_saved")
 
-    def __init__(self, load: Callable[[], Loaded], new_id: Callable[[], str] = new_id) -> None:
-        """``load`` returns a :class:`Loaded`, called on first use; ``new_id`` makes ids."""
+    def __init__(self, load: Callable[[], tuple[Any, ...]], new_id: Callable[[], str] = new_id) -> None:
+        """``load`` returns a :class:`Loaded` (or a tuple of its first fields), called on first use;
+        ``new_id`` makes ids."""
         self._load = load
         self._new_id = new_id
         self._data: dict[str, Any] | None = None
@@ -124,7 +125,10 @@ class Session(MutableMapping[str, Any]):
         """The data, loaded on first use."""
         data = self._data
         if data is None:
-            self._loaded_id, data, self._expires, self._created = self._load()
+            loaded = self._load()
+            if type(loaded) is not Loaded:
+                loaded = Loaded(*loaded)
+            self._loaded_id, data, self._expires, self._created = loaded
             self._id, self._new, self._data = self._loaded_id, self._loaded_id is None, data
         return data
 

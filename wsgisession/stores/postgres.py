@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg2
 import psycopg2.errors
@@ -12,10 +13,6 @@ import psycopg2.extras
 
 from .base import Changes, json_object, log, now
 from .sql import SQLStore
-
-#: What a server says when a statement this connection prepared is not there (behind a pooler
-#: that moves the connection between server connections) or no longer fits (after ALTER TABLE).
-_UNPREPARED = (psycopg2.errors.InvalidSqlStatementName, psycopg2.errors.FeatureNotSupported)
 
 
 class PostgresStore(SQLStore):
@@ -37,17 +34,18 @@ class PostgresStore(SQLStore):
         pool_size: int = 8,
         timeout: float = 3.0,
         create_table: bool = True,
+        prepare: bool = True,
     ) -> None:
+        """``prepare=False``: never prepare statements (for a pooler that pins the connection of a
+        client that does, such as RDS Proxy)."""
         self.dsn = dsn
         super().__init__(table, cleanup_interval, pool_size, timeout)
         self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
         self._sql_merge = self._merge_sql()
         # The statements each request runs, prepared once per connection: the server then
-        # parses and plans them once, not on every call (about a third of a read's time).
-        self._prepared = {
-            sql: _prepared(sql)
-            for sql in (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge)
-        }
+        # parses and plans them once, not on every call (about a fifth of a read's time).
+        statements = (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge)
+        self._prepared = {sql: _prepared(sql) for sql in statements} if prepare else {}
         if create_table:
             self.setup()
 
@@ -96,27 +94,34 @@ class PostgresStore(SQLStore):
 
         Behind a pooler that hands each transaction to any server connection (PgBouncer in
         transaction mode), a statement is not prepared where the next call runs: the first
-        sign of that makes this store run its statements unprepared from then on.
+        sign of that makes this store run its statements unprepared from then on. A statement
+        that ALTER TABLE outdated is prepared anew on that connection.
         """
         statement = self._prepared.get(sql) if self._prepared else None
-        if statement is not None:
-            prepare, execute = statement
-            known = cur.connection.prepared
-            try:
-                if prepare not in known:
-                    try:
-                        cur.execute(f"{prepare}; {execute}", params)
-                    except psycopg2.errors.DuplicatePreparedStatement:  # by a call whose EXECUTE failed
-                        cur.execute(execute, params)
-                    known.add(prepare)
-                else:
-                    cur.execute(execute, params)
+        if statement is None:
+            cur.execute(sql, params)
+            return
+        known = cur.connection.prepared
+        try:
+            if statement.name in known:
+                cur.execute(statement.execute, params)
                 return
-            except _UNPREPARED as exc:
-                if self._prepared:
-                    self._prepared = {}
-                    log.info("PostgreSQL: statements are no longer prepared (%s)", str(exc).strip())
-        cur.execute(sql, params)
+            try:
+                cur.execute(f"{statement.prepare}; {statement.execute}", params)
+            except psycopg2.errors.DuplicatePreparedStatement:  # by a call whose EXECUTE failed
+                known.add(statement.name)
+                cur.execute(statement.execute, params)
+            known.add(statement.name)
+        except psycopg2.errors.InvalidSqlStatementName as exc:
+            if self._prepared:
+                self._prepared = {}
+                log.info("PostgreSQL: statements are no longer prepared (%s)", str(exc).strip())
+            cur.execute(sql, params)
+        except psycopg2.errors.FeatureNotSupported:  # "cached plan must not change result type"
+            known.discard(statement.name)
+            with contextlib.suppress(psycopg2.errors.InvalidSqlStatementName):
+                cur.execute(f"DEALLOCATE {statement.name}")
+            cur.execute(sql, params)
 
     def _claim_cleanup(self, cur: Any) -> bool:
         # A transaction-level lock: held only for one batch, and valid behind PgBouncer.
@@ -129,17 +134,23 @@ def _text(value: str) -> str:
 
 
 class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
-    """A psycopg2 connection that remembers the statements prepared on it."""
+    """A psycopg2 connection that remembers the names of the statements prepared on it."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.prepared: set[str] = set()
 
 
-def _prepared(sql: str) -> tuple[str, str]:
+class _Prepared(NamedTuple):
+    name: str
+    prepare: str
+    execute: str
+
+
+def _prepared(sql: str) -> _Prepared:
     """``PREPARE`` and ``EXECUTE`` for ``sql`` (``%s`` parameters), named after its text: two
     different statements never share a name, even on a server connection a pooler shares."""
     name = "wsgisession_" + hashlib.sha256(sql.encode()).hexdigest()[:20]
     first, *rest = sql.split("%s")
     body = first + "".join(f"${number}{part}" for number, part in enumerate(rest, 1))
-    return f"PREPARE {name} AS {body}", f"EXECUTE {name} ({', '.join(['%s'] * len(rest))})"
+    return _Prepared(name, f"PREPARE {name} AS {body}", f"EXECUTE {name} ({', '.join(['%s'] * len(rest))})")

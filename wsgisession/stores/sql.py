@@ -70,16 +70,18 @@ class Pool:
             self.discard(conn)
             return
         self._idle.append(conn)
-        if self._waiting:  # read after the append: a waiter counted itself before it looked
+        if self._closed:  # close() ran meanwhile, perhaps before the append
+            self._close_idle()
+        elif self._waiting:  # read after the append: a waiter counted itself before it looked
             with self._changed:
                 self._changed.notify()
 
     def discard(self, conn: Any) -> None:
         """Close a lent connection (one that saw an error), never to lend it again."""
-        _close_quietly(conn)
-        with self._changed:
-            self._open -= 1
-            self._changed.notify()
+        try:
+            _close_quietly(conn)
+        finally:
+            self._gone()
 
     def _open_or_wait(self) -> Any:
         deadline = time.monotonic() + self._timeout
@@ -87,6 +89,8 @@ class Pool:
             self._waiting += 1
             try:
                 while True:
+                    if self._closed:
+                        raise StoreError("the session store is closed")
                     with contextlib.suppress(IndexError):
                         return self._idle.pop()
                     if self._open < self._size:
@@ -101,15 +105,30 @@ class Pool:
         try:
             return self._connect()
         except BaseException:
-            with self._changed:
-                self._open -= 1
-                self._changed.notify()
+            self._gone()
             raise
 
+    def _gone(self) -> None:
+        """A connection counted as open is not: its place may be taken again."""
+        with self._changed:
+            self._open -= 1
+            self._changed.notify()
+
     def close(self) -> None:
+        """Close the idle connections, and each lent one when it comes back; waiters get StoreError."""
         self._closed = True
-        while self._idle:
-            _close_quietly(self._idle.pop())
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        with self._changed:
+            while True:
+                try:
+                    conn = self._idle.pop()  # a lock-free acquire() may take one meanwhile
+                except IndexError:
+                    break
+                _close_quietly(conn)
+                self._open -= 1
+            self._changed.notify_all()
 
     def forget(self) -> None:
         """Drop every connection without closing it (they belong to the parent process)."""
