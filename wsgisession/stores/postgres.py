@@ -142,6 +142,8 @@ class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
 
 
 class _Prepared(NamedTuple):
+    """A statement as this store prepares it: its name, its PREPARE and its EXECUTE."""
+
     name: str
     prepare: str
     execute: str
