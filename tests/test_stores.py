@@ -592,7 +592,7 @@ def test_postgres_uses_a_statement_prepared_by_a_call_that_then_failed(make_stor
         cur.execute(store._prepared[store._sql_load].prepare)  # on the one pooled connection
     record = store.load(key)
     assert record is not None and record.data == {"n": 1}
-    assert store._prepared  # still preparing
+    assert prepared_here(store) == 2  # create's and the read's: still preparing
 
 
 def test_postgres_prepares_nothing_when_told_not_to(make_store: Any) -> None:
