@@ -194,6 +194,15 @@ def test_init_db_sql_prints_postgres_statements_without_connecting(
         store.close()
 
 
+def test_init_db_sql_prints_connect_pg_simple_table_in_the_express_format(tmp_path: Path, database_url: str) -> None:
+    """What init-db would create in the Node.js-compatible mode: connect-pg-simple's table, not ours."""
+    env = {"DATABASE_URL": closed_port_url("postgresql"), "SESSION_FORMAT": "express", "SESSION_TABLE": "cli_express"}
+    result = run_cli(tmp_path, "init-db", "--sql", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE IF NOT EXISTS cli_express (sid varchar" in result.stdout
+    assert "sess json NOT NULL" in result.stdout and "JSONB" not in result.stdout
+
+
 def test_init_db_sql_prints_sqlite_statements_without_touching_a_file(tmp_path: Path) -> None:
     program = [str(Path(sys.executable).parent / "wsgisession")]  # the console script of setup.cfg
     result = run_cli(tmp_path, "init-db", "--sql", env={"SESSION_TABLE": "cli_sqlite"}, program=program)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, Settings, create_session_store, mask_url
+from .config import ConfigError, Settings, create_session_store, mask_url, postgres_store
 from .stores.base import SessionStore, StoreError
 
 if TYPE_CHECKING:
@@ -151,14 +151,15 @@ class _Formatter(logging.Formatter):
 def describe(store: SessionStore, settings: Settings) -> str:
     """The store's class and where it keeps sessions, with any password masked."""
     name = type(store).__name__
+    kinds = {kind.__name__ for kind in type(store).__mro__}  # ConnectPgStore is a PostgresStore, and so on
     if name == "FailoverStore":
         cache, durable = store.cache, store.durable  # type: ignore[attr-defined]
         return f"{name}: {describe(cache, settings)}, with a copy of every session in {describe(durable, settings)}"
-    if name == "RedisStore" and settings.redis_url:
+    if "RedisStore" in kinds and settings.redis_url:
         return f"{name} at {mask_url(settings.redis_url)} (key prefix {settings.redis_prefix!r})"
-    if name == "PostgresStore" and settings.database_url:
+    if "PostgresStore" in kinds and settings.database_url:
         return f"{name} at {mask_url(settings.database_url)} (table {settings.table})"
-    if name == "SQLiteStore":
+    if "SQLiteStore" in kinds:
         return f"{name} at {getattr(store, 'path', '?')} (table {settings.table})"
     if name == "MemoryStore":
         return f"{name} (this process only)"
@@ -179,10 +180,8 @@ def _print_schema(settings: Settings) -> int:
         print("-- Nothing to create: the selected store (Redis or memory) needs no table")
         return 0
     if kind == "postgres":
-        from .stores.postgres import PostgresStore
-
-        # create_table=False: no connection; the statements depend only on the table name.
-        store: SQLStore = PostgresStore(settings.database_url or "", table=settings.table, create_table=False)
+        # create_table=False: no connection; the statements depend only on the table and the format.
+        store: SQLStore = postgres_store(settings, settings.database_url or "", create_table=False)
     else:
         from .stores.sqlite import SQLiteStore
 

@@ -20,6 +20,7 @@ from .stores.sql import TABLE_NAME
 
 if TYPE_CHECKING:
     from .stores.express import ExpressDocument
+    from .stores.postgres import PostgresStore
 
 log = logging.getLogger("wsgisession")
 
@@ -303,9 +304,6 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
         raise ConfigError("SESSION_STORE=postgres needs DATABASE_URL")
     try:
         import psycopg2.extensions
-
-        from .stores.connect_pg import ConnectPgStore
-        from .stores.postgres import PostgresStore
     except ImportError:
         raise ConfigError(
             "DATABASE_URL is set but psycopg2 is not installed: pip install 'wsgisession[postgres]'"
@@ -317,16 +315,21 @@ def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
             f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL "
             "(expected postgresql://user:password@host:port/database)"
         ) from None
-    options: dict[str, Any] = {
-        "table": settings.table,
-        "cleanup_interval": cleanup_interval,
-        "timeout": max(settings.store_timeout, 1.0),
-        "create_table": False,  # the caller runs setup(), and decides what a failure means
-        "prepare": settings.pg_prepare,
-    }
+    # create_table=False: the caller runs setup(), and decides what a failure means
+    return postgres_store(settings, settings.database_url, cleanup_interval=cleanup_interval, create_table=False)
+
+
+def postgres_store(settings: Settings, dsn: str, **options: Any) -> PostgresStore:
+    """The PostgreSQL store of these settings (connect-pg-simple's table in the express format);
+    it connects only if ``options`` leave ``create_table`` on."""
+    from .stores.connect_pg import ConnectPgStore
+    from .stores.postgres import PostgresStore
+
+    options = {"table": settings.table, "timeout": max(settings.store_timeout, 1.0), "prepare": settings.pg_prepare,
+               **options}  # fmt: skip
     if settings.format == "express":
-        return ConnectPgStore(settings.database_url, document=express_document(settings), **options)
-    return PostgresStore(settings.database_url, **options)
+        return ConnectPgStore(dsn, document=express_document(settings), **options)
+    return PostgresStore(dsn, **options)
 
 
 def express_document(settings: Settings) -> ExpressDocument:
