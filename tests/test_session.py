@@ -308,3 +308,14 @@ def test_values_another_application_stored_may_be_read_while_other_keys_change()
     session["tags"].append("c")  # changing it makes it this request's to write, and so to refuse
     with pytest.raises(SessionValueError, match="'tags'"):
         session.changes()
+
+
+def test_texts_are_what_the_session_stores_after_its_changes() -> None:
+    """What the middleware sizes against SESSION_MAX_SIZE: every value's JSON, changed or not."""
+    session, _, _ = stored({"cart": [1, 2], "prefs": {"a": 1}, "n": 1, "gone": "x"})
+    assert session["prefs"] == {"a": 1}  # read, left as it was
+    session["cart"].append(3)  # changed in place
+    session["n"] = 2
+    del session["gone"]
+    session["new"] = "é"
+    assert session.texts(session.changes()) == {"cart": "[1,2,3]", "prefs": '{"a":1}', "n": "2", "new": '"é"'}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from werkzeug.http import http_date
 
 from .config import Settings, create_session_store
-from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode, measure
+from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode
 from .signing import ExpressSigner, Signer, new_express_id, new_id, store_key
 from .stores.base import SessionStore, StoreError, json_object
 
@@ -168,10 +168,11 @@ class SessionMiddleware:
         """Write what the request changed and return the headers that go with it (``cookie``: the
         request's genuine session cookie, if any; ``had_cookie``: whether it carried one at all)."""
         loaded_id, data, store = session._loaded_id, session._loaded(), self.store
-        if loaded_id is None or session._id != loaded_id:  # a new record is needed
+        # A session is loaded only through a verified cookie, which carries its store key.
+        if loaded_id is None or cookie is None or session._id != loaded_id:  # a new record is needed
             encoded = self._encode_within_limit(data)  # before anything is deleted
             if loaded_id is not None:
-                store.delete(self.store_key(loaded_id))
+                store.delete(cookie.key if cookie is not None else self.store_key(loaded_id))
             if not data:
                 return [self.expired_cookie(environ)] if had_cookie else []
             session_id = session.id
@@ -179,15 +180,14 @@ class SessionMiddleware:
             store.create(self.store_key(session_id), encoded, self.ttl(created))
             session._created = created
             return [self.cookie(environ, session_id, created)]
-        created = session._created
-        key = cookie.key if cookie is not None else self.store_key(loaded_id)
+        created, key = session._created, cookie.key
         if not data:
             store.delete(key)
             return [self.expired_cookie(environ)]
         changes, ttl = session.changes(), self.ttl(created)
-        resign = cookie is not None and not cookie.current  # signed with an older secret
+        resign = not cookie.current  # signed with an older secret
         if changes.set or changes.deleted:
-            self._check_size({k: changes.set.get(k) or measure(v) for k, v in data.items()})
+            self._check_size(session.texts(changes))
             extended = store.update(key, changes, ttl)
         elif resign or ttl - ((session._expires or 0) - time.time()) >= self.refresh_after:
             extended = store.touch(key, ttl)
@@ -198,7 +198,7 @@ class SessionMiddleware:
         if not extended:
             return []
         # A value the current secret signed goes back as it came (the native format has one spelling).
-        value = cookie.value if cookie is not None and not resign and not self.express else None
+        value = cookie.value if not resign and not self.express else None
         return [self.cookie(environ, loaded_id, created, value)]
 
     def _encode_within_limit(self, data: dict[str, Any]) -> dict[str, str]:

@@ -240,6 +240,12 @@ class Session(MutableMapping[str, Any]):
                 changed[key] = encode(key, value)  # what is written must be storable
         return Changes(changed, tuple(deleted))
 
+    def texts(self, changes: Changes) -> dict[str, str]:
+        """The JSON text of every value once ``changes`` (from :meth:`changes`) are stored; what
+        this request read and left as it was is not encoded again."""
+        before = self._before
+        return {k: changes.set.get(k) or before.get(k) or measure(v) for k, v in self._loaded().items()}
+
     def _remember(self, key: str, data: dict[str, Any]) -> None:
         if key not in self._before:
             self._before[key] = measure(data[key]) if key in data else None
