@@ -22,8 +22,9 @@ from typing import Any
 import psycopg2
 import pytest
 
-from wsgisession import SessionStore, SQLiteStore, StoreError
+from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
+from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.sql import SQLStore
 
@@ -337,6 +338,18 @@ def wait_child(pid: int, handle: dict[str, Any]) -> dict[str, Any]:
     assert "error" not in data, data["error"]
     assert os.waitstatus_to_exitcode(status) == 0
     return data
+
+
+def test_a_lock_held_at_the_fork_does_not_hang_the_child() -> None:
+    """gunicorn may fork while a thread holds a store's lock (here the failover store's state
+    lock, taken when a backend fails): the child must not wait forever for it."""
+    store = FailoverStore(MemoryStore(), MemoryStore(), probe_interval=0)
+    store._state_lock.acquire()  # held at the fork, as by another thread of the parent
+    try:
+        pid, handle = run_in_child(lambda: (store._cache_failed(StoreError("gone")), {"cache": store._cache})[1], 10)
+    finally:
+        store._state_lock.release()
+    assert wait_child(pid, handle) == {"cache": "down"}
 
 
 @pytest.mark.parametrize("kind", SQL_KINDS)

@@ -16,9 +16,10 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 log = logging.getLogger("wsgisession")
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -136,6 +137,19 @@ def encode_values(data: Mapping[str, Any]) -> dict[str, str]:
     return {k: json.dumps(v, separators=(",", ":")) for k, v in data.items()}
 
 
+def after_fork(owner: T, reset: Callable[[T], None]) -> None:
+    """Call ``reset(owner)`` in a child process just after a fork, for as long as ``owner`` lives:
+    to replace locks a parent's thread may have held, and drop what belongs to the parent."""
+    ref = weakref.ref(owner)
+
+    def after() -> None:
+        alive = ref()
+        if alive is not None:
+            reset(alive)
+
+    os.register_at_fork(after_in_child=after)
+
+
 class Periodic:
     """Runs ``task`` every ``interval`` seconds (give or take a fifth) on a daemon thread.
 
@@ -151,14 +165,7 @@ class Periodic:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        ref = weakref.ref(self)
-
-        def forget() -> None:
-            periodic = ref()
-            if periodic is not None:
-                periodic._forget()
-
-        os.register_at_fork(after_in_child=forget)
+        after_fork(self, Periodic._forget)
 
     def start(self) -> None:
         """Start the thread in this process unless it runs already, the interval is 0 or it was stopped."""

@@ -13,14 +13,12 @@ both and moves back when one returns:
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .base import Changes, Periodic, Record, SessionStore, StoreError, encode_values, log, now
+from .base import Changes, Periodic, Record, SessionStore, StoreError, after_fork, encode_values, log, now
 
 UP, RETURNING, DOWN = "up", "returning", "down"
 
@@ -53,14 +51,12 @@ class FailoverStore(SessionStore):
         self._gate = _Gate()
         self._state_lock = threading.Lock()
         self._probe = Periodic("wsgisession-probe", probe_interval, self._check)
-        ref = weakref.ref(self)
+        after_fork(self, FailoverStore._after_fork)
 
-        def reset() -> None:
-            store = ref()
-            if store is not None:
-                store._gate = _Gate()
-
-        os.register_at_fork(after_in_child=reset)
+    def _after_fork(self) -> None:
+        # Either may have been held by a thread the fork left behind.
+        self._gate = _Gate()
+        self._state_lock = threading.Lock()
 
     @property
     def serving_from(self) -> str:

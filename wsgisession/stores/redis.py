@@ -9,9 +9,7 @@ transaction or script is the session's own, so each lands in one hash slot of a 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -23,7 +21,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .base import Changes, Record, SessionStore, StoreError, json_value, log, now
+from .base import Changes, Record, SessionStore, StoreError, after_fork, json_value, log, now
 
 #: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
 #: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
@@ -85,14 +83,10 @@ class RedisStore(SessionStore):
         if client is not None:
             self.client = client
         self.prefix = prefix
-        ref = weakref.ref(self)
+        after_fork(self, RedisStore._after_fork)
 
-        def reset() -> None:
-            store = ref()
-            if store is not None:
-                store._lock = threading.Lock()  # it may have been held by a thread the fork left behind
-
-        os.register_at_fork(after_in_child=reset)
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()  # it may have been held by a thread the fork left behind
 
     @property
     def client(self) -> Client:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import threading
 import time
-import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -24,6 +22,7 @@ from .base import (
     Record,
     SessionStore,
     StoreError,
+    after_fork,
     decode_record,
     encode_values,
     json_object,
@@ -168,7 +167,7 @@ class SQLStore(SessionStore):
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
         batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
-        self._forget_after_fork()
+        after_fork(self, SQLStore._after_fork)
 
     # -- dialect ---------------------------------------------------------------------
 
@@ -349,18 +348,12 @@ class SQLStore(SessionStore):
         except StoreError as exc:
             log.warning("Session cleanup failed: %s", exc)
 
-    def _forget_after_fork(self) -> None:
-        ref = weakref.ref(self)
-
-        def reset() -> None:
-            store = ref()
-            if store is not None:
-                store._lock = threading.Lock()
-                if store._pool is not None:
-                    store._pool.forget()
-                store._pool = None
-
-        os.register_at_fork(after_in_child=reset)
+    def _after_fork(self) -> None:
+        # A new lock (a parent's thread may have held it), and no connection of the parent's.
+        self._lock = threading.Lock()
+        if self._pool is not None:
+            self._pool.forget()
+        self._pool = None
 
 
 def _close_quietly(conn: Any) -> None:
