@@ -97,6 +97,7 @@ def json_object(items: Mapping[str, str]) -> str:
 
 
 _raw_decode = json.JSONDecoder().raw_decode
+_ascii_json = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def json_value(text: str) -> Any:
@@ -134,7 +135,16 @@ def encode_values(data: Mapping[str, Any]) -> dict[str, str]:
 
     ASCII only: a value another application stored (a lone surrogate, say) still encodes.
     """
-    return {k: json.dumps(v, separators=(",", ":")) for k, v in data.items()}
+    return {k: _ascii_json(v) for k, v in data.items()}
+
+
+def merged(data: Mapping[str, Any], changes: Changes) -> dict[str, str]:
+    """The JSON text of each value of a stored session (``data``, decoded) once ``changes`` are
+    applied, for a store that merges in Python: changed values as the request encoded them."""
+    deleted = set(changes.deleted)
+    texts = {k: changes.set.get(k) or _ascii_json(v) for k, v in data.items() if k not in deleted}
+    texts.update(changes.set)
+    return texts
 
 
 def after_fork(owner: T, reset: Callable[[T], None]) -> None:

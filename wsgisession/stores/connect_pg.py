@@ -20,6 +20,7 @@ class ConnectPgStore(PostgresStore):
     """
 
     columns = ("sid", "sess", "expire")
+    rewrite_lock = " FOR UPDATE"
     data_type = "JSON"
     time_type = "TIMESTAMP(6)"
 
@@ -54,11 +55,7 @@ class ConnectPgStore(PostgresStore):
         except psycopg2.DataError:
             # jsonb refuses what json keeps and Node.js may have stored (a NUL, a lone
             # surrogate): merge in Python instead, with the row locked for the moment.
-            cur.execute("BEGIN")
-            try:
-                return self._rewrite(cur, key, changes, expires, lock=" FOR UPDATE")
-            finally:
-                cur.execute("COMMIT")
+            return self._rewrite(cur, key, changes, expires)
 
     def _document(self, data: Mapping[str, str], expires: float) -> str:
         return self.document.dump(data, expires)

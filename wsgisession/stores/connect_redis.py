@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Mapping
 
 import redis
 
-from .base import Changes, Record, StoreError, encode_values, now
+from .base import Changes, Record, StoreError, merged, now
 from .express import ExpressDocument
 from .redis import ERRORS, RedisStore, milliseconds, wrong_type
 
@@ -69,10 +68,7 @@ class ConnectRedisStore(RedisStore):
                         record = None if raw is None else self.document.load(raw, 0, "Redis")
                         if record is None:
                             return False  # gone (a logout, or expiry): not brought back
-                        for k in changes.deleted:
-                            record.data.pop(k, None)
-                        record.data.update((k, json.loads(v)) for k, v in changes.set.items())
-                        document = self.document.dump(encode_values(record.data), now() + ttl)
+                        document = self.document.dump(merged(record.data, changes), now() + ttl)
                         pipe.multi()
                         pipe.set(name, document, px=milliseconds(ttl))
                         pipe.execute()

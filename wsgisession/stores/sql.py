@@ -8,7 +8,6 @@ how one cleaner is chosen among several processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
 import time
@@ -24,9 +23,9 @@ from .base import (
     StoreError,
     after_fork,
     decode_record,
-    encode_values,
     json_object,
     log,
+    merged,
     now,
 )
 
@@ -143,6 +142,9 @@ class SQLStore(SessionStore):
     data_type = "TEXT"
     time_type = "REAL"
     table_options = ""
+    #: how a merge in Python opens its transaction, and what its read adds to lock the row
+    rewrite_begin = "BEGIN"
+    rewrite_lock = ""
     #: the driver's errors, reported as :class:`StoreError`.
     errors: tuple[type[BaseException], ...] = ()
 
@@ -165,6 +167,8 @@ class SQLStore(SessionStore):
         )
         self._sql_touch = f"UPDATE {t} SET {e} = {ts} WHERE {i} = {p} AND {e} > {ts}"
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
+        self._sql_read_live = f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
+        self._sql_rewrite = f"UPDATE {t} SET {d} = {p}, {e} = {ts} WHERE {i} = {p}"
         batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
         after_fork(self, SQLStore._after_fork)
@@ -194,25 +198,24 @@ class SQLStore(SessionStore):
     def _connect(self) -> Any:
         """Open one connection, in autocommit mode."""
 
-    @abstractmethod
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         """Apply ``changes`` to a live row in one atomic step; False when there is none."""
+        return self._rewrite(cur, key, changes, expires)
 
-    def _rewrite(self, cur: Any, key: str, changes: Changes, expires: float, lock: str = "") -> bool:
-        """Merge by reading the row, applying ``changes`` in Python and writing it back, in the
-        transaction the caller holds (``lock`` may add ``FOR UPDATE``); False when it is gone."""
-        (i, d, e), p, ts, t = self.columns, self.param, self.timestamp(self.param), self.table
-        cur.execute(f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{lock}", (key, now()))
-        row = cur.fetchone()
-        record = None if row is None else self._record(row[0], expires)
-        if record is None:
-            return False
-        for k in changes.deleted:
-            record.data.pop(k, None)
-        record.data.update((k, json.loads(v)) for k, v in changes.set.items())
-        document = self._document(encode_values(record.data), expires)
-        cur.execute(f"UPDATE {t} SET {d} = {p}, {e} = {ts} WHERE {i} = {p}", (document, expires, key))
-        return True
+    def _rewrite(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+        """Merge by reading the row, applying ``changes`` in Python and writing it back, in one
+        transaction that :attr:`rewrite_begin` and :attr:`rewrite_lock` make atomic."""
+        cur.execute(self.rewrite_begin)
+        try:
+            cur.execute(self._sql_read_live, (key, now()))
+            row = cur.fetchone()
+            record = None if row is None else self._record(row[0], expires)
+            if record is None:
+                return False
+            cur.execute(self._sql_rewrite, (self._document(merged(record.data, changes), expires), expires, key))
+            return True
+        finally:
+            cur.execute("COMMIT")
 
     def _document(self, data: Mapping[str, str], expires: float) -> str:
         """The stored form of a session's JSON-encoded values."""

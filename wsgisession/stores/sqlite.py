@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
 
-from .base import Changes
 from .sql import SQLStore
 
 
@@ -17,6 +15,9 @@ class SQLiteStore(SQLStore):
     data_type = "TEXT"
     time_type = "REAL"
     table_options = " WITHOUT ROWID"
+    # SQLite has one writer at a time: BEGIN IMMEDIATE makes a merge's read and write atomic
+    # for the few microseconds it takes, with no lock held across the request.
+    rewrite_begin = "BEGIN IMMEDIATE"
     errors = (sqlite3.Error,)
 
     def __init__(
@@ -45,12 +46,3 @@ class SQLiteStore(SQLStore):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         return conn
-
-    def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
-        # SQLite has one writer at a time: BEGIN IMMEDIATE makes this read-merge-write atomic
-        # for the few microseconds it takes, with no lock held across the request.
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            return self._rewrite(cur, key, changes, expires)
-        finally:
-            cur.execute("COMMIT")
