@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg2
 
-from .base import Changes, Record, now
+from .base import Changes, Record, json_object, now
 from .express import ExpressDocument
 from .postgres import PostgresStore
 
@@ -21,8 +21,6 @@ class ConnectPgStore(PostgresStore):
 
     columns = ("sid", "sess", "expire")
     rewrite_lock = " FOR UPDATE"
-    data_type = "JSON"
-    time_type = "TIMESTAMP(6)"
 
     def __init__(self, dsn: str, *, document: ExpressDocument, table: str = "session", **options: Any) -> None:
         self.document = document
@@ -47,7 +45,8 @@ class ConnectPgStore(PostgresStore):
         )
 
     def _merge_params(self, key: str, changes: Changes, expires: float) -> tuple[Any, ...]:
-        return (*super()._merge_params(key, changes, expires)[:2], self.document.cookie(expires), expires, key, now())
+        deleted, changed = list(changes.deleted), json_object(changes.set)
+        return (deleted, changed, self.document.cookie(expires), expires, key, now())
 
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         try:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import redis
 
-from .base import Changes, Record, StoreError, merged, now
+from .base import Changes, Record, StoreError, log, merged, now
 from .express import ExpressDocument
 from .redis import ERRORS, RedisStore, milliseconds, wrong_type
 
@@ -44,7 +44,8 @@ class ConnectRedisStore(RedisStore):
         except redis.ResponseError as exc:
             if not wrong_type(exc):
                 raise StoreError(f"Redis: {exc}") from exc
-            raw, pttl = b"not a string", 0  # a foreign record of another type
+            log.warning("Ignoring a malformed session record in Redis")  # a foreign record of another type
+            return None
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         if raw is None:

@@ -97,7 +97,7 @@ class PostgresStore(SQLStore):
         sign of that makes this store run its statements unprepared from then on. A statement
         that ALTER TABLE outdated is prepared anew on that connection.
         """
-        statement = self._prepared.get(sql) if self._prepared else None
+        statement = self._prepared.get(sql)
         if statement is None:
             cur.execute(sql, params)
             return

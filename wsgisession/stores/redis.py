@@ -81,7 +81,7 @@ class RedisStore(SessionStore):
             else:
                 client = make()
         if client is not None:
-            self.client = client
+            self._client = client
         self.prefix = prefix
         after_fork(self, RedisStore._after_fork)
 
@@ -96,14 +96,10 @@ class RedisStore(SessionStore):
             with self._lock:
                 if self._client is None:
                     assert self._make is not None
-                    self.client = self._run(self._make)
+                    self._client = self._run(self._make)
                 client = self._client
                 assert client is not None
         return client
-
-    @client.setter
-    def client(self, client: Client) -> None:
-        self._client = client
 
     def load(self, key: str) -> Record | None:
         try:

@@ -12,8 +12,6 @@ class SQLiteStore(SQLStore):
 
     name = "SQLite"
 
-    data_type = "TEXT"
-    time_type = "REAL"
     table_options = " WITHOUT ROWID"
     # SQLite has one writer at a time: BEGIN IMMEDIATE makes a merge's read and write atomic
     # for the few microseconds it takes, with no lock held across the request.
