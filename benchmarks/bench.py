@@ -87,20 +87,14 @@ sys.path.insert(0, str(HERE))
 import apps  # noqa: E402 - reads the environment set above when it builds an app
 import psycopg2  # noqa: E402
 import redis  # noqa: E402
+from common import loopback_only, print_table  # noqa: E402
 from werkzeug.test import create_environ, run_wsgi_app  # noqa: E402
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
 WORKLOADS = ("read", "write", "untouched")
-STORES = ("memory", "redis", "postgres", "sqlite", "redis+postgres")
 READ_TARGET, WRITE_TARGET, UNTOUCHED_TARGET_US, HTTP_TARGET = 1.15, 1.25, 3.0, 0.9
-
-
-def loopback_only(*urls: str) -> None:
-    for url in urls:
-        if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-            sys.exit(f"refusing to benchmark against a non-loopback server: {url}")
 
 
 # -- the variants ------------------------------------------------------------------------
@@ -287,13 +281,16 @@ def gunicorn(variant: str, threads: int) -> Any:
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn {variant} did not start:\n{log_path.read_text()[-3000:]}")
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
                 conn.request("GET", "/untouched")
                 if conn.getresponse().status == 200:
                     break
             except OSError:
-                time.sleep(0.1)
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.1)
         yield f"http://127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGTERM)
@@ -453,7 +450,7 @@ def report(
                      f"{load.p50_ms:.2f}", f"{load.p99_ms:.2f}", str(load.errors)] if load else [""] * 6
                 )  # fmt: skip
             rows.append(row)
-    print_table(header, rows, 3)
+    print_table(header, rows, 3, groups=True)
 
     lines = []
 
@@ -491,20 +488,6 @@ def report(
                 text = f"HTTP read on {store} >= {HTTP_TARGET}x raw req/s: {r:.2f}x ({ws.rps:.0f} vs {raw.rps:.0f})"
                 target(text, r >= HTTP_TARGET, f"{HTTP_TARGET - r:.2f}x, {HTTP_TARGET * raw.rps - ws.rps:.0f} req/s")
     return lines
-
-
-def print_table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> None:
-    """Print rows under header; the first ``text_columns`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
-    line = "  ".join(f"{{:<{w}}}" if i < text_columns else f"{{:>{w}}}" for i, w in enumerate(widths))
-    print(line.format(*header))
-    print(line.format(*("-" * w for w in widths)))
-    previous = None
-    for row in rows:
-        if previous is not None and row[0] != previous:
-            print()
-        previous = row[0]
-        print(line.format(*row).rstrip())
 
 
 # -- cleanup -----------------------------------------------------------------------------

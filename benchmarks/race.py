@@ -38,10 +38,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import psycopg2
 import redis
+from common import loopback_only, print_table
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import SessionMiddleware, SessionStore, SQLiteStore
@@ -63,12 +63,6 @@ RUN = secrets.token_hex(4)  # in every table name and key prefix of this run
 
 def name(prefix: str) -> str:
     return f"bench_{prefix}_{RUN}"
-
-
-def loopback_only(*urls: str) -> None:
-    for url in urls:
-        if urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
-            sys.exit(f"refusing to benchmark against a non-loopback server: {url}")
 
 
 # -- one WSGI harness for every library ------------------------------------------------
@@ -369,16 +363,6 @@ def main() -> None:
     print_table(["store", "merge µs", "whole write µs", "merge / whole"],
                 [(kind, f"{m:.0f}", f"{w:.0f}", f"{m / w:.2f}") for kind, m, w in costs])  # fmt: skip
     print(f"\n({time.monotonic() - started:.0f} s)")
-
-
-def print_table(header: list[str], rows: list[tuple[str, ...]], text_columns: int = 1) -> None:
-    """Print rows under header; the first ``text_columns`` columns left-aligned, the rest right-aligned."""
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) if rows else len(header[i]) for i in range(len(header))]
-    line = "  ".join(f"{{:<{w}}}" if i < text_columns else f"{{:>{w}}}" for i, w in enumerate(widths))
-    print(line.format(*header))
-    print(line.format(*("-" * w for w in widths)))
-    for row in rows:
-        print(line.format(*row))
 
 
 if __name__ == "__main__":

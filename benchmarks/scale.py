@@ -40,6 +40,7 @@ import psycopg2
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
+from common import loopback_only, print_table
 from redis_topologies import ClusterSetup, RedisProcess
 from werkzeug.test import create_environ, run_wsgi_app
 
@@ -224,16 +225,6 @@ def row(name: str, figures: Figures, unit: str) -> list[str]:
     return [name, f"{figures.rate:,.0f} {unit}", f"{figures.p50:.2f}", f"{figures.p99:.2f}", errors]
 
 
-def print_table(rows: list[list[str]]) -> None:
-    header = ["", "throughput", "p50 ms", "p99 ms", ""]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        cells = [
-            cell.ljust(w) if i in (0, 4) else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=8)
@@ -241,6 +232,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
+    loopback_only(DATABASE_URL)
     rows: list[list[str]] = []
     root = tempfile.mkdtemp(prefix="wsgisession-bench-")
     single = RedisProcess(root, "single", ["--save", "", "--appendonly", "no"])
@@ -261,7 +253,7 @@ def main() -> None:
     print("PostgreSQL cleanup...", file=sys.stderr)
     rows += cleanup_rows(args)
     print(f"\n{args.threads} threads in one process, {os.cpu_count()} CPUs, {args.users} users per Redis setup\n")
-    print_table(rows)
+    print_table(["", "throughput", "p50 ms", "p99 ms", ""], rows)
 
 
 if __name__ == "__main__":
