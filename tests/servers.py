@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from typing import Any
 
 import psycopg2
 import pytest
@@ -44,12 +45,20 @@ def unique(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-def drop_table(url: str, table: str) -> None:
+def pg_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on a connection of its own, autocommitted; the rows it returns, if any."""
     conn = psycopg2.connect(url)
     conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"DROP TABLE IF EXISTS {table}")
-    conn.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def drop_table(url: str, table: str) -> None:
+    pg_sql(url, f"DROP TABLE IF EXISTS {table}")
 
 
 def free_port() -> int:

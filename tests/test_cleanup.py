@@ -19,8 +19,8 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2
 import pytest
+from servers import pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
@@ -60,14 +60,7 @@ def sql(store: SQLStore, statement: str, params: tuple[Any, ...] = ()) -> list[t
         finally:
             conn.close()
     assert isinstance(store, PostgresStore)
-    pg = psycopg2.connect(store.dsn)
-    pg.autocommit = True
-    try:
-        with pg.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        pg.close()
+    return pg_sql(store.dsn, statement, params)
 
 
 def row_count(store: SQLStore) -> int:

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 from servers import drop_table, free_port, unique
+from servers import pg_sql as sql
 
 from wsgisession.stores.postgres import PostgresStore
 
@@ -71,17 +71,6 @@ def table(database_url: str) -> Iterator[str]:
     name = unique("cli")
     yield name
     drop_table(database_url, name)
-
-
-def sql(url: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return cur.fetchall() if cur.description else []
-    finally:
-        conn.close()
 
 
 # -- check ------------------------------------------------------------------------------

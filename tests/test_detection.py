@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import psycopg2
 import pytest
-from servers import SECRET, RedisServer, drop_table, free_port, unique
+from servers import SECRET, RedisServer, drop_table, free_port, pg_sql, unique
 
 from wsgisession import SQLiteStore
 from wsgisession.config import ConfigError, Settings, create_session_store
@@ -92,13 +91,7 @@ def assert_works(store: SessionStore) -> None:
 
 
 def table_exists(url: str, table: str) -> bool:
-    conn = psycopg2.connect(url)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
-            return bool(cur.fetchone()[0])
-    finally:
-        conn.close()
+    return bool(pg_sql(url, "SELECT to_regclass(%s) IS NOT NULL", (table,))[0][0])
 
 
 # -- automatic detection ----------------------------------------------------------------

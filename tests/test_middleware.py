@@ -21,10 +21,9 @@ from http.cookiejar import CookieJar
 from typing import Any
 from urllib.parse import parse_qsl
 
-import psycopg2
 import pytest
 import redis
-from servers import SECRET, RedisServer
+from servers import SECRET, RedisServer, pg_sql
 from webtest import TestApp
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionStore, SessionValueError, StoreError
@@ -1071,11 +1070,7 @@ def _corrupt_sqlite(store: Any, key: str) -> None:
 
 
 def _corrupt_postgres(store: Any, key: str) -> None:
-    conn = psycopg2.connect(store.dsn)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"UPDATE {store.table} SET data = '[1, 2]'::jsonb WHERE id = %s", (key,))
-    conn.close()
+    pg_sql(store.dsn, f"UPDATE {store.table} SET data = '[1, 2]'::jsonb WHERE id = %s", (key,))
 
 
 def _corrupt_redis(store: Any, key: str) -> None:

@@ -27,10 +27,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
-import psycopg2
 import pytest
 import redis
-from servers import SECRET, RedisServer, drop_table, free_port, require_postgres, unique
+from servers import SECRET, RedisServer, drop_table, free_port, pg_sql, require_postgres, unique
 
 from wsgisession import (
     ConfigError,
@@ -110,13 +109,7 @@ def dump(store: SessionStore) -> list[Row]:
             conn.close()
         return [Row(k, text, float(expires)) for k, text, expires in rows]
     if isinstance(store, PostgresStore):
-        pg = psycopg2.connect(store.dsn)
-        try:
-            with pg.cursor() as cur:
-                cur.execute(f"SELECT id, data::text, extract(epoch from expires_at)::float8 FROM {store.table}")
-                rows = cur.fetchall()
-        finally:
-            pg.close()
+        rows = pg_sql(store.dsn, f"SELECT id, data::text, extract(epoch from expires_at)::float8 FROM {store.table}")
         return [Row(k, text, float(expires)) for k, text, expires in rows]
     if isinstance(store, RedisStore):
         found = []

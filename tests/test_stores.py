@@ -11,9 +11,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import psycopg2
 import pytest
-from servers import free_port
+from servers import free_port, pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
@@ -60,13 +59,7 @@ def stored_anything(store: SessionStore, key: str) -> bool:
         finally:
             conn.close()
     if isinstance(store, PostgresStore):
-        conn = psycopg2.connect(store.dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f"SELECT count(*) FROM {store.table} WHERE id = %s", (key,))
-                return bool(cur.fetchone()[0] > 0)
-        finally:
-            conn.close()
+        return bool(pg_sql(store.dsn, f"SELECT count(*) FROM {store.table} WHERE id = %s", (key,))[0][0] > 0)
     assert isinstance(store, RedisStore)
     return bool(store.client.exists(store.prefix + key))
 
@@ -81,16 +74,8 @@ def write_raw_sql(store: SessionStore, key: str, data: str, expires: float) -> N
             conn.close()
     else:
         assert isinstance(store, PostgresStore)
-        pg = psycopg2.connect(store.dsn)
-        pg.autocommit = True
-        try:
-            with pg.cursor() as cur:
-                cur.execute(
-                    f"INSERT INTO {store.table} (id, data, expires_at) VALUES (%s, %s::jsonb, to_timestamp(%s))",
-                    (key, data, expires),
-                )
-        finally:
-            pg.close()
+        pg_sql(store.dsn, f"INSERT INTO {store.table} (id, data, expires_at) VALUES (%s, %s::jsonb, to_timestamp(%s))",
+               (key, data, expires))  # fmt: skip
 
 
 def malformed_writers(store: SessionStore) -> list[tuple[str, Callable[[str], None]]]:
