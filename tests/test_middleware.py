@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 import redis
+from cookies import parse_set_cookies
 from servers import SECRET, RedisServer, pg_sql
 from webtest import TestApp
 
@@ -182,18 +183,7 @@ class NoCookies(CookieJar):
 
 def cookies(res: Any, name: str = "session") -> list[dict[str, Any]]:
     """The Set-Cookie headers for ``name``, parsed: {"value": ..., attribute (lower case): value or True}."""
-    found = []
-    for header in res.headers.getall("Set-Cookie"):
-        first, *attributes = header.split("; ")
-        cookie_name, _, value = first.partition("=")
-        if cookie_name != name:
-            continue
-        parsed: dict[str, Any] = {"value": value}
-        for attribute in attributes:
-            key, sep, val = attribute.partition("=")
-            parsed[key.lower()] = val if sep else True
-        found.append(parsed)
-    return found
+    return parse_set_cookies(res.headers.getall("Set-Cookie"), name)
 
 
 def set_cookie(res: Any) -> dict[str, Any] | None:

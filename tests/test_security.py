@@ -29,6 +29,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 import pytest
 import redis
+from cookies import parse_set_cookies
 from servers import SECRET, RedisServer, drop_table, free_port, pg_sql, require_postgres, unique
 
 from wsgisession import (
@@ -176,19 +177,7 @@ class Response:
 
     def cookies(self, name: str = "session") -> list[dict[str, Any]]:
         """The Set-Cookie headers for ``name``: {"value": ..., attribute (lower case): value or True}."""
-        found = []
-        for header, text in self.headers:
-            if header.lower() != "set-cookie":
-                continue
-            first, *attributes = text.split("; ")
-            cookie_name, _, value = first.partition("=")
-            if cookie_name == name:
-                parsed: dict[str, Any] = {"value": value}
-                for attribute in attributes:
-                    key, sep, val = attribute.partition("=")
-                    parsed[key.lower()] = val if sep else True
-                found.append(parsed)
-        return found
+        return parse_set_cookies((text for header, text in self.headers if header.lower() == "set-cookie"), name)
 
     def cookie(self, name: str = "session") -> dict[str, Any] | None:
         found = self.cookies(name)
