@@ -24,7 +24,7 @@ from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import Session, SessionMiddleware
 from wsgisession.signing import Signer, store_key
-from wsgisession.stores.base import Changes
+from wsgisession.stores.base import Changes, StoreError
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
@@ -75,7 +75,6 @@ class Response(NamedTuple):
     status: int
     body: bytes
     set_cookie: str | None
-    seconds: float
 
 
 class Browser:
@@ -90,17 +89,15 @@ class Browser:
         headers = {"Cookie": self.cookie} if self.cookie else {}
         environ = create_environ(path, method=method, data=body, headers=headers,
                                  content_type="application/x-www-form-urlencoded")  # fmt: skip
-        started = time.monotonic()
         app_iter, status, response_headers = run_wsgi_app(self.app, environ, buffered=True)
         data = b"".join(app_iter)
-        seconds = time.monotonic() - started
         set_cookie = response_headers.get("Set-Cookie")
         if set_cookie is not None:
             pair = set_cookie.split(";", 1)[0]
             self.cookie = None if "Max-Age=0" in set_cookie or pair.endswith("=") else pair
         code = int(status.split()[0])
         assert code < 500, (method, path, status, data)
-        return Response(code, data, set_cookie, seconds)
+        return Response(code, data, set_cookie)
 
     def session(self) -> dict[str, Any]:
         response = self.request("GET", "/api/session")
@@ -371,13 +368,28 @@ def test_killed_redis_is_answered_from_postgres_and_used_again_when_back(shared:
 
 def test_hung_redis_costs_one_timeout_per_request_in_flight(shared: Backends, log: Log) -> None:
     """Four users keep clicking while Redis hangs (SIGSTOP): the requests in flight when it hangs
-    wait for the timeout, and no later one does."""
+    wait for the timeout, and no later one does (counted as the failed Redis calls of requests,
+    not timed: the machine may be slow for other reasons)."""
     store = shared.store()
     app = shared.app(store)
     users = [Browser(app) for _ in range(4)]
     for number, user in enumerate(users):
         user.login(f"user{number}")
-    slow: list[tuple[str, float]] = []
+    failed: list[str] = []  # the requests' Redis calls that failed (each after a timeout)
+    cache = store.cache
+
+    def counting(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any) -> Any:
+            try:
+                return call(*args)
+            except StoreError:
+                failed.append(name)
+                raise
+
+        return counted
+
+    for name in ("load", "create", "update", "touch", "delete"):
+        setattr(cache, name, counting(name, getattr(cache, name)))
     counts = [0] * len(users)
     wrong: list[str] = []
     stop = threading.Event()
@@ -392,8 +404,6 @@ def test_hung_redis_costs_one_timeout_per_request_in_flight(shared: Backends, lo
                 except AssertionError as exc:  # a 5xx
                     wrong.append(str(exc))
                     continue
-                if response.seconds >= TIMEOUT:
-                    slow.append((f"{method} {path}", round(response.seconds, 3)))
                 if method == "GET" and json.loads(response.body) != {"user": f"user{number}", "count": counts[number]}:
                     wrong.append(response.body.decode())
             counts[number] += 1
@@ -413,7 +423,7 @@ def test_hung_redis_costs_one_timeout_per_request_in_flight(shared: Backends, lo
 
     assert log(DOWN_LINE) == 1
     assert wrong == []
-    assert len(slow) <= len(users), f"{len(slow)} requests waited for the Redis timeout: {slow}"
+    assert 1 <= len(failed) <= len(users), f"{len(failed)} requests waited for the Redis timeout: {failed}"
     assert [Browser(app, u.cookie).session()["count"] for u in users] == counts
 
 
