@@ -21,6 +21,23 @@ def database_url() -> str:
 
 
 @pytest.fixture
+def table(database_url: str) -> Iterator[str]:
+    """A PostgreSQL table name of this test's own, dropped afterwards."""
+    name = unique("t")
+    yield name
+    drop_table(database_url, name)
+
+
+@pytest.fixture
+def stores() -> Iterator[list[SessionStore]]:
+    """Stores a test makes; closed after it."""
+    made: list[SessionStore] = []
+    yield made
+    for store in made:
+        store.close()
+
+
+@pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may kill, pause or restart."""
     server = RedisServer()

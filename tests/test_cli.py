@@ -9,12 +9,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from servers import drop_table, free_port, unique
+from servers import free_port, unique
 from servers import pg_sql as sql
 
 from wsgisession.stores.postgres import PostgresStore
@@ -63,14 +62,6 @@ def closed_port_url(scheme: str, password: str = "") -> str:
     if scheme == "redis":
         return f"redis://{':' + password + '@' if password else ''}127.0.0.1:{free_port()}/0"
     return f"postgresql://postgres{':' + password if password else ''}@127.0.0.1:{free_port()}/test"
-
-
-@pytest.fixture
-def table(database_url: str) -> Iterator[str]:
-    """A table name of this test's own, dropped afterwards."""
-    name = unique("cli")
-    yield name
-    drop_table(database_url, name)
 
 
 # -- check ------------------------------------------------------------------------------

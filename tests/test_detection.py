@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from servers import SECRET, RedisServer, drop_table, free_port, pg_sql, unique
+from servers import SECRET, RedisServer, free_port, pg_sql, unique
 
 from wsgisession import SQLiteStore
 from wsgisession.config import ConfigError, Settings, create_session_store
@@ -29,23 +28,6 @@ BACKOFF = 0.2 + 0.4 + 0.6
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="wsgisession")
-
-
-@pytest.fixture
-def table(database_url: str) -> Iterator[str]:
-    """A table name of this test's own, dropped afterwards."""
-    name = unique("detect")
-    yield name
-    drop_table(database_url, name)
-
-
-@pytest.fixture
-def stores() -> Iterator[list[SessionStore]]:
-    """Stores a test made, closed after it."""
-    made: list[SessionStore] = []
-    yield made
-    for store in made:
-        store.close()
 
 
 def settings(**environ: str) -> Settings:

@@ -64,15 +64,6 @@ def cluster() -> Iterator[ClusterSetup]:
 
 
 @pytest.fixture
-def stores() -> Iterator[list[Any]]:
-    """Stores a test makes; closed after it."""
-    made: list[Any] = []
-    yield made
-    for store in made:
-        store.close()
-
-
-@pytest.fixture
 def pg_table() -> Iterator[tuple[str, str]]:
     """The shared PostgreSQL's URL and a table name of this test's own (dropped after it)."""
     url, table = require_postgres(), unique("scale")
