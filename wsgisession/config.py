@@ -79,7 +79,7 @@ class Settings:
             values["secrets"] = (secret,) if isinstance(secret, str) else tuple(secret)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if "cookie_samesite" in values:
-            values["cookie_samesite"] = _samesite(values["cookie_samesite"])
+            values["cookie_samesite"] = values["cookie_samesite"].capitalize()
         if values.get("format") == "express":  # express-session's and connect-pg-simple's names
             values.setdefault("cookie_name", "connect.sid")
             values.setdefault("table", "session")
@@ -152,10 +152,6 @@ def _secure(raw: str) -> bool | None:
     return None if raw.lower() == "auto" else _flag(raw)
 
 
-def _samesite(raw: str) -> str:
-    return raw.capitalize()
-
-
 _VARIABLES: dict[str, tuple[str, Any]] = {
     "secrets": ("SESSION_SECRET", lambda raw: tuple(s.strip() for s in raw.split(",") if s.strip())),
     "max_age": ("SESSION_MAX_AGE", _milliseconds),
@@ -165,7 +161,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "cookie_path": ("SESSION_COOKIE_PATH", str),
     "cookie_domain": ("SESSION_COOKIE_DOMAIN", str),
     "cookie_secure": ("SESSION_COOKIE_SECURE", _secure),
-    "cookie_samesite": ("SESSION_COOKIE_SAMESITE", _samesite),
+    "cookie_samesite": ("SESSION_COOKIE_SAMESITE", str),  # capitalised in Settings.load, as the argument
     "fail_on_store_error": ("SESSION_FAIL_ON_STORE_ERROR", _flag),
     "format": ("SESSION_FORMAT", str.lower),
     "store": ("SESSION_STORE", str.lower),
@@ -254,11 +250,10 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
             ) from None
         postgres_up = False
         log.warning("PostgreSQL unavailable, keeping sessions in Redis until it is back (%s)", exc)
+    if redis_store is None or not redis_up:
+        log.info("Using PostgreSQL for session storage")
     if redis_store is None:
-        log.info("Using PostgreSQL for session storage")
         return postgres
-    if not redis_up:
-        log.info("Using PostgreSQL for session storage")
     log.info("Keeping a durable copy of every session in PostgreSQL (SESSION_STORE=redis turns it off)")
     from .stores.failover import FailoverStore
 
