@@ -33,24 +33,44 @@ def store_key(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-class Signer:
+class _Keys:
+    """What both cookie formats share: one key per secret; the first signs, every one verifies."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: list[bytes]) -> None:
+        if not keys:
+            raise ValueError("at least one secret is needed")
+        self._keys = keys
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} with {len(self._keys)} key(s)>"
+
+    def _verified(self, signature: str, message: str) -> bool | None:
+        """Whether ``signature`` is the first key's (True), another key's (False) or none's (None)."""
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(signature, self._signature(key, message)):
+                return index == 0
+        return None
+
+    @staticmethod
+    def _signature(key: bytes, message: str) -> str:
+        raise NotImplementedError
+
+
+class Signer(_Keys):
     """Signs session ids and their creation times with HMAC-SHA256; the first secret signs, every one verifies.
 
     The creation time travels signed in the cookie, so the server enforces a session's
     absolute lifetime without a store round trip and no client can extend it.
     """
 
-    __slots__ = ("_keys",)
+    __slots__ = ()
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        if not secrets:
-            raise ValueError("at least one secret is needed")
         # One key per secret, derived for this purpose only, so the application may use
         # the same SESSION_SECRET elsewhere without the two uses meeting.
-        self._keys = [hmac.digest(s.encode(), b"wsgisession.cookie", "sha256") for s in secrets]
-
-    def __repr__(self) -> str:
-        return f"<Signer with {len(self._keys)} key(s)>"
+        super().__init__([hmac.digest(s.encode(), b"wsgisession.cookie", "sha256") for s in secrets])
 
     def sign(self, session_id: str, created: int | None) -> str:
         """The cookie value for the session ``session_id`` created at ``created`` (Unix seconds)."""
@@ -70,10 +90,8 @@ class Signer:
         session_id, created = payload[:ID_LENGTH], payload[ID_LENGTH + 1 :]
         if len(signature) != SIGNATURE_LENGTH or not created.isdigit() or not _ALPHABET.issuperset(session_id):
             return None
-        for index, key in enumerate(self._keys):
-            if hmac.compare_digest(signature, self._signature(key, payload)):
-                return session_id, int(created), index == 0
-        return None
+        current = self._verified(signature, payload)
+        return None if current is None else (session_id, int(created), current)
 
     @staticmethod
     def _signature(key: bytes, payload: str) -> str:
@@ -84,7 +102,7 @@ class Signer:
 _EXPRESS_ID = re.compile(r"[A-Za-z0-9_-]{8,128}")
 
 
-class ExpressSigner:
+class ExpressSigner(_Keys):
     """Signs ids exactly as express-session does (its cookie-signature module), so that one
     cookie logs a user in on a Node.js application and on this one.
 
@@ -93,15 +111,10 @@ class ExpressSigner:
     Such a cookie carries no creation time: this format has no absolute lifetime.
     """
 
-    __slots__ = ("_keys",)
+    __slots__ = ()
 
     def __init__(self, secrets: Sequence[str]) -> None:
-        if not secrets:
-            raise ValueError("at least one secret is needed")
-        self._keys = [s.encode() for s in secrets]
-
-    def __repr__(self) -> str:
-        return f"<ExpressSigner with {len(self._keys)} key(s)>"
+        super().__init__([s.encode() for s in secrets])
 
     def sign(self, session_id: str, created: int | None = None) -> str:
         """The (URL-encoded) cookie value for ``session_id``."""
@@ -117,10 +130,8 @@ class ExpressSigner:
         session_id, _, signature = value[2:].rpartition(".")
         if not _EXPRESS_ID.fullmatch(session_id):
             return None
-        for index, key in enumerate(self._keys):
-            if hmac.compare_digest(signature, self._signature(key, session_id)):
-                return session_id, None, index == 0
-        return None
+        current = self._verified(signature, session_id)
+        return None if current is None else (session_id, None, current)
 
     @staticmethod
     def _signature(key: bytes, session_id: str) -> str:
