@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from servers import DATABASE_URL, REDIS_URL, RedisServer, drop_table, require_postgres, require_redis, unique
+from servers import DATABASE_URL, REDIS_URL, RedisServer, drop_table, require_postgres, require_redis, running, unique
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore
 
@@ -40,10 +40,8 @@ def stores() -> Iterator[list[SessionStore]]:
 @pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which it may kill, pause or restart."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with running(RedisServer()) as server:
+        yield server
 
 
 @pytest.fixture

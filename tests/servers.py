@@ -3,6 +3,7 @@ processes on free loopback ports that a test may kill, pause and restart."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,7 +12,8 @@ import subprocess
 import tempfile
 import time
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol, TypeVar
 
 import psycopg2
 import pytest
@@ -55,6 +57,24 @@ def pg_sql(url: str, statement: str, params: tuple[Any, ...] = ()) -> list[tuple
             return cur.fetchall() if cur.description else []
     finally:
         conn.close()
+
+
+class _Server(Protocol):
+    def start(self) -> object: ...
+    def close(self) -> None: ...
+
+
+Server = TypeVar("Server", bound=_Server)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    """``server`` started, and closed afterwards, also when it failed to start half way."""
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 def drop_table(url: str, table: str) -> None:

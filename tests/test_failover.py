@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 import pytest
 import redis
 from pg_server import PostgresServer
-from servers import SECRET, RedisServer, drop_table, require_postgres, unique
+from servers import SECRET, RedisServer, drop_table, require_postgres, running, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import Session, SessionMiddleware
@@ -165,10 +165,8 @@ def shared(private_redis: RedisServer) -> Iterator[Backends]:
 
 @pytest.fixture
 def private_pg() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.close()
+    with running(PostgresServer()) as server:
+        yield server
 
 
 @pytest.fixture

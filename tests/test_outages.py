@@ -28,7 +28,7 @@ import pytest
 import redis
 from gunicorn_runner import gunicorn, pid_log_config, server_log
 from pg_server import PostgresServer
-from servers import RedisServer, unique
+from servers import RedisServer, running, unique
 
 pytestmark = pytest.mark.slow
 
@@ -79,10 +79,8 @@ def table_of_results() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    server.start()
-    yield server
-    server.close()
+    with running(PostgresServer()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

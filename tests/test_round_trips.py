@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 import redis
-from servers import SECRET, RedisServer, drop_table, require_postgres, unique
+from servers import SECRET, RedisServer, drop_table, require_postgres, running, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import SessionMiddleware, SessionStore
@@ -226,10 +226,8 @@ class Counted:
 
 @pytest.fixture(scope="module")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+    with running(RedisServer()) as server:
+        yield server
 
 
 @pytest.fixture
