@@ -12,6 +12,7 @@ import os
 from urllib.parse import parse_qs
 
 from wsgisession import SessionMiddleware
+from wsgisession.status import metrics_app, status_app
 
 PAGE = """<!doctype html>
 <title>wsgisession demo</title>
@@ -30,6 +31,10 @@ def wsgi_app(environ, start_response):
         user = session.get("user")
         page = PAGE.format(user=LOGOUT.format(html.escape(user)) if user else LOGIN, count=session.get("count", 0))
         return respond(start_response, "200 OK", "text/html", page)
+    if route == ("GET", "/status"):  # for a load balancer: which store serves, since when, backlogs
+        return status(environ, start_response)
+    if route == ("GET", "/metrics") and metrics is not None:  # Prometheus
+        return metrics(environ, start_response)
     if route == ("GET", "/api/session"):
         body = json.dumps({"user": session.get("user"), "count": session.get("count", 0)})
         return respond(start_response, "200 OK", "application/json", body)
@@ -57,6 +62,11 @@ def respond(start_response, status, content_type, text):
 
 
 app = SessionMiddleware(wsgi_app)  # settings and store from the environment
+status = status_app(app.store)
+try:
+    metrics = metrics_app()
+except ImportError:  # pip install 'wsgisession[metrics]'
+    metrics = None
 
 if __name__ == "__main__":
     from wsgiref.simple_server import make_server

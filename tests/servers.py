@@ -78,7 +78,8 @@ def running(server: Server) -> Iterator[Server]:
 
 
 def drop_table(url: str, table: str) -> None:
-    pg_sql(url, f"DROP TABLE IF EXISTS {table}")
+    """Drop a session table and its table of stale marks."""
+    pg_sql(url, f"DROP TABLE IF EXISTS {table}, {table}_stale")
 
 
 def free_port() -> int:

@@ -334,15 +334,16 @@ def wait_child(pid: int, handle: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_lock_held_at_the_fork_does_not_hang_the_child() -> None:
-    """gunicorn may fork while a thread holds a store's lock (here the failover store's state
-    lock, taken when a backend fails): the child must not wait forever for it."""
+    """gunicorn may fork while a thread holds a store's lock (here the lock of the failover store's
+    view of the cache, taken when it fails): the child must not wait forever for it."""
     store = FailoverStore(MemoryStore(), MemoryStore(), probe_interval=0)
-    store._state_lock.acquire()  # held at the fork, as by another thread of the parent
+    health = store.cache_health
+    health._lock.acquire()  # held at the fork, as by another thread of the parent
     try:
-        pid, handle = run_in_child(lambda: (store._cache_failed(StoreError("gone")), {"cache": store._cache})[1], 10)
+        pid, handle = run_in_child(lambda: (store._cache_failed(StoreError("gone")), health.status())[1], 10)
     finally:
-        store._state_lock.release()
-    assert wait_child(pid, handle) == {"cache": "down"}
+        health._lock.release()
+    assert wait_child(pid, handle)["state"] == "down"
 
 
 @pytest.mark.parametrize("kind", SQL_KINDS)

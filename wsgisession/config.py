@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .stores.base import SessionStore, StoreError
+from .stores.base import CacheStore, SessionStore, StoreError
 from .stores.sql import TABLE_NAME
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class Settings:
     store_timeout: float = 1.0
     cleanup_interval: float = 120.0
     probe_interval: float = 1.0
+    latency_budget: float = 0.1
     pg_prepare: bool = True
 
     @classmethod
@@ -129,9 +130,9 @@ class Settings:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
         if not TABLE_NAME.fullmatch(self.table):
             raise ConfigError(f"SESSION_TABLE {self.table!r} is not a table name: use letters, digits and _")
-        if self.store_timeout <= 0 or self.probe_interval <= 0 or self.cleanup_interval < 0:
+        if min(self.store_timeout, self.probe_interval, self.latency_budget) <= 0 or self.cleanup_interval < 0:
             raise ConfigError(
-                "SESSION_STORE_TIMEOUT and SESSION_PROBE_INTERVAL must be positive, "
+                "SESSION_STORE_TIMEOUT, SESSION_PROBE_INTERVAL and SESSION_LATENCY_BUDGET must be positive, "
                 "SESSION_CLEANUP_INTERVAL not negative"
             )
 
@@ -173,6 +174,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "store_timeout": ("SESSION_STORE_TIMEOUT", float),
     "cleanup_interval": ("SESSION_CLEANUP_INTERVAL", float),
     "probe_interval": ("SESSION_PROBE_INTERVAL", float),
+    "latency_budget": ("SESSION_LATENCY_BUDGET", float),
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
 }
 
@@ -261,6 +263,7 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
         redis_store,
         postgres,
         probe_interval=settings.probe_interval,
+        latency_budget=settings.latency_budget,
         cache_up=redis_up,
         durable_up=postgres_up,
     )
@@ -277,7 +280,7 @@ def _ping_with_retries(store: SessionStore) -> None:
             time.sleep(min((attempt + 1) * 200, 1000) / 1000)
 
 
-def _redis(settings: Settings) -> SessionStore:
+def _redis(settings: Settings) -> CacheStore:
     if not settings.redis_url:
         raise ConfigError("SESSION_STORE=redis needs REDIS_URL")
     try:
@@ -294,7 +297,7 @@ def _redis(settings: Settings) -> SessionStore:
         raise ConfigError(f"REDIS_URL {mask_url(settings.redis_url)} is not a Redis URL: {exc}") from None
 
 
-def _postgres(settings: Settings, cleanup_interval: float) -> SessionStore:
+def _postgres(settings: Settings, cleanup_interval: float) -> PostgresStore:
     if not settings.database_url:
         raise ConfigError("SESSION_STORE=postgres needs DATABASE_URL")
     try:

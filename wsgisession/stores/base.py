@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple, TypeVar
 
@@ -89,6 +89,58 @@ class SessionStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - most stores have nothing to release
         """Release connections and stop background threads."""
+
+    def status(self) -> dict[str, Any]:
+        """What this process sees of the store, as JSON-ready values (for a health check)."""
+        try:
+            self.ping()
+        except StoreError:
+            return {"ok": False, "serving": None, "stores": {self.name: {"state": "down"}}}
+        return {"ok": True, "serving": self.name, "stores": {self.name: {"state": "up"}}}
+
+
+class CacheStore(SessionStore):
+    """A store fast enough to serve reads in front of a :class:`DurableStore` (see FailoverStore)."""
+
+    @abstractmethod
+    def server_id(self) -> str:
+        """Which server holds the sessions now: a name that changes when it restarts or another server
+        takes over (a failover), after which it may hold less than was written to it. Raises
+        :class:`StoreError` as :meth:`ping` does."""
+
+    @abstractmethod
+    def clear(self) -> None:
+        """Delete every session this store holds."""
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove these sessions (in as few round trips as the backend allows)."""
+        for key in keys:
+            self.delete(key)
+
+
+class DurableStore(SessionStore):
+    """A store that keeps every session behind a :class:`CacheStore`, and a list that every process
+    of every host can read: the sessions whose cached copies are out of date (written while some
+    process could not reach the cache), which whichever process reaches the cache drops from it."""
+
+    #: the mark for every cached copy at once (the cache may have lost writes: a restart, a failover)
+    EVERY = "*"
+
+    @abstractmethod
+    def mark_stale(self, key: str) -> None:
+        """Note that the cache's copy of ``key`` (of every session, for :attr:`EVERY`) is out of date."""
+
+    @abstractmethod
+    def stale(self, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` marks, oldest first, as (mark, key)."""
+
+    @abstractmethod
+    def unmark_stale(self, marks: Sequence[int]) -> None:
+        """Remove these marks, once their copies are dropped; marks made since stay."""
+
+    @abstractmethod
+    def count_stale(self) -> int:
+        """How many marks wait to be drained."""
 
 
 def json_object(items: Mapping[str, str]) -> str:

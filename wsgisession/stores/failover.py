@@ -1,41 +1,68 @@
-"""Redis in front, PostgreSQL behind: either may go away without logging anyone out.
+"""Redis in front, PostgreSQL behind: either may go away, or answer late, and nobody is logged out,
+no acknowledged change is undone, on any host, after any exit.
 
-Every write goes to both stores (the durable one first); reads come from the cache and fall
-back to the durable store when it misses or is away. A probe thread per process watches
-both and moves back when one returns:
+Three concerns, each with its own piece:
 
-- the cache is trusted again only after the copies written while it was away are dropped and
-  two probe intervals have passed, so that every other process has dropped its own too;
-- the durable store is brought up to date, from the cache, with the sessions changed while it
-  was away.
+- where reads and writes go (:class:`FailoverStore`, here): reads from the cache, falling back
+  to the durable store when it misses or is not used; every write to both, the durable one first;
+- what this process thinks of each store (:class:`~.health.Health`): up or down, and, for the
+  cache, whether it answers within the latency budget and has answered long enough to be used again;
+- what each store must be told when it returns (:mod:`.resync`): the cache's copies that went out
+  of date while some process could not reach it are marked in the durable store before the write
+  is acknowledged, and dropped from the cache by whichever process reaches it, every probe
+  interval; the sessions changed in the cache alone while the durable store was away are copied to it.
+
+A probe thread in each process runs every ``probe_interval``: it notices an outage (or a slow
+cache) without requests, drains the marks, and moves back to a store that answers again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .base import Changes, Periodic, Record, SessionStore, StoreError, after_fork, encode_values, log, now
+from .base import (
+    CacheStore,
+    Changes,
+    DurableStore,
+    Periodic,
+    Record,
+    SessionStore,
+    StoreError,
+    after_fork,
+    encode_values,
+    log,
+    now,
+)
+from .health import Health, State, metrics
+from .resync import CacheFailed, CacheRepair, DurableCatchUp
 
-UP, RETURNING, DOWN = "up", "returning", "down"
+#: how slow the cache may answer, on a moving average, before it counts as away (seconds)
+LATENCY_BUDGET = 0.1
+#: probe intervals without a copy to drop before reads go back to the cache: time for every other
+#: process that was writing around it to find it again
+CLEAN_INTERVALS = 2
 
 
 class FailoverStore(SessionStore):
     """Sessions in ``cache`` (Redis) for speed, with a copy of each in ``durable`` (PostgreSQL).
 
     ``cache_up`` and ``durable_up`` give the state found at start-up; the probe, every
-    ``probe_interval`` seconds, corrects it.
+    ``probe_interval`` seconds, corrects it. A cache whose commands take longer than
+    ``latency_budget`` seconds on average is treated as away.
     """
 
     def __init__(
         self,
-        cache: SessionStore,
-        durable: SessionStore,
+        cache: CacheStore,
+        durable: DurableStore,
         *,
         probe_interval: float = 1.0,
+        latency_budget: float = LATENCY_BUDGET,
         cache_up: bool = True,
         durable_up: bool = True,
     ) -> None:
@@ -43,46 +70,46 @@ class FailoverStore(SessionStore):
         self.durable = durable
         self.name = f"{cache.name} with {durable.name}"
         self.probe_interval = probe_interval
-        self._cache = UP if cache_up else DOWN
-        self._durable_up = durable_up
-        self._returning_since = 0.0
-        self._stale: set[str] = set()  # changed while the cache was away: its copies are out of date
-        self._unsynced: dict[str, bool] = {}  # changed while the durable store was away: True written, False deleted
+        self.cache_health = Health(cache.name, cache_up, probe_interval, latency_budget)
+        self.durable_health = Health(durable.name, durable_up, probe_interval)
+        self._repair = CacheRepair(cache, durable)
+        self._catch_up = DurableCatchUp(cache, durable)
+        self._clean_since = 0.0  # monotonic time of the last copy dropped, while returning
+        self._outage = not cache_up  # the cache failed since reads last used it
         self._gate = _Gate()
-        self._state_lock = threading.Lock()
         self._probe = Periodic("wsgisession-probe", probe_interval, self._check)
         after_fork(self, FailoverStore._after_fork)
 
     def _after_fork(self) -> None:
-        # Either may have been held by a thread the fork left behind.
-        self._gate = _Gate()
-        self._state_lock = threading.Lock()
+        self._gate = _Gate()  # it may have been held by a thread the fork left behind
 
     @property
     def serving_from(self) -> str:
         """The name of the store that answers reads now."""
-        return self.cache.name if self._cache == UP else self.durable.name
+        return self.cache.name if self.cache_health.up else self.durable.name
 
     # -- reads ---------------------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
         self._probe.start()
-        if self._cache == UP:
+        if self.cache_health.up:
+            started = time.perf_counter()
             try:
                 record = self.cache.load(key)
             except StoreError as exc:
                 self._cache_failed(exc)
             else:
+                self._cache_took(time.perf_counter() - started)
                 if record is not None:
                     return record
-        if not self._durable_up:
+        if not self.durable_health.up:
             raise StoreError(f"{self.durable.name} is unavailable and {self.cache.name} cannot answer for it")
         try:
             record = self.durable.load(key)
         except StoreError as exc:
             self._durable_failed(exc)
             raise
-        if record is not None and self._cache == UP:
+        if record is not None and self.cache_health.up:
             self._refill(key, record)
         return record
 
@@ -121,27 +148,30 @@ class FailoverStore(SessionStore):
             durable_ok = cache_ok = False
             result: Any = None
             cache_result: Any = None
-            if self._durable_up:
+            if self.durable_health.up:
                 try:
                     result = operation(self.durable)
                     durable_ok = True
                 except StoreError as exc:
                     self._durable_failed(exc)
-            if self._cache != DOWN:
+            if self.cache_health.writable:
+                started = time.perf_counter()
                 try:
                     cache_result = operation(self.cache)
                     cache_ok = True
                 except StoreError as exc:
                     self._cache_failed(exc)
+                else:
+                    self._cache_took(time.perf_counter() - started)
             if not (durable_ok or cache_ok):
                 raise StoreError(f"{self.cache.name} and {self.durable.name} are both unavailable")
-            if not cache_ok:
-                self._stale.add(key)
             if not durable_ok:
-                self._unsynced[key] = written
+                self._catch_up.note(key, written)
                 return cache_result
-            self._unsynced.pop(key, None)  # the durable store has it now
-            if cache_ok and result is False and cache_result is True:
+            self._catch_up.forget(key)  # the durable store has it now
+            if not cache_ok:
+                self._repair.mark(key)  # before the write is acknowledged: the cache's copy is out of date
+            elif result is False and cache_result is True:
                 self._on_cache(lambda c: c.delete(key))  # the durable store says it is gone (a logout)
             return result
 
@@ -155,7 +185,7 @@ class FailoverStore(SessionStore):
             self.durable.ping()
 
     def cleanup(self) -> int:
-        return self.durable.cleanup() if self._durable_up else 0
+        return self.durable.cleanup() if self.durable_health.up else 0
 
     def setup(self) -> None:
         self.durable.setup()
@@ -165,68 +195,136 @@ class FailoverStore(SessionStore):
         self.cache.close()
         self.durable.close()
 
+    def status(self) -> dict[str, Any]:
+        """This process's view: which store serves, each store's state and counts, and the backlogs:
+        cached copies waiting to be dropped (counted in the durable store: None when it cannot
+        answer) and sessions waiting to be copied to the durable store."""
+        try:
+            awaiting_drop: int | None = self.durable.count_stale() + self._repair.pending
+        except StoreError:
+            awaiting_drop = None
+        serving = self.serving_from if self.cache_health.up or self.durable_health.up else None
+        return {
+            "ok": serving is not None,
+            "pid": os.getpid(),
+            "serving": serving,
+            "stores": {health.name: health.status() for health in (self.cache_health, self.durable_health)},
+            "awaiting_drop": awaiting_drop,
+            "awaiting_copy": len(self._catch_up.unsynced),
+        }
+
     def _cache_failed(self, exc: StoreError) -> None:
-        with self._state_lock:
-            if self._cache == DOWN:
-                return
-            self._cache = DOWN
-        log.warning("%s unavailable, falling back to %s (%s)", self.cache.name, self.durable.name, exc)
-        self._say_if_both_down()
+        if self.cache_health.failed():
+            self._outage = True
+            log.warning("%s unavailable, falling back to %s (%s)", self.cache.name, self.durable.name, exc)
+            self._say_if_both_down()
+
+    def _cache_took(self, seconds: float) -> None:
+        if self.cache_health.took(seconds) and self.cache_health.failed():
+            self._outage = True
+            log.warning("%s too slow (%.0f ms a command on average, budget %.0f ms), falling back to %s",
+                        self.cache.name, self.cache_health.latency * 1000, (self.cache_health.budget or 0) * 1000,
+                        self.durable.name)  # fmt: skip
 
     def _durable_failed(self, exc: StoreError) -> None:
-        with self._state_lock:
-            if not self._durable_up:
-                return
-            self._durable_up = False
-        log.warning("%s unavailable, keeping sessions in %s until it is back (%s)", self.durable.name,
-                    self.cache.name, exc)  # fmt: skip
-        self._say_if_both_down()
+        if self.durable_health.failed():
+            log.warning("%s unavailable, keeping sessions in %s until it is back (%s)", self.durable.name,
+                        self.cache.name, exc)  # fmt: skip
+            self._say_if_both_down()
 
     def _say_if_both_down(self) -> None:
-        if self._cache == DOWN and not self._durable_up:
+        if not (self.cache_health.writable or self.durable_health.up):
             log.error("%s and %s are both unavailable: sessions can be neither loaded nor saved",
                       self.cache.name, self.durable.name)  # fmt: skip
 
+    def _distrust(self) -> None:
+        """Read from the durable store, still writing to the cache, until no process has written
+        around the cache for two probes (or until every copy is dropped from it)."""
+        self._clean_since = time.monotonic()
+        if self.cache_health.up and self.cache_health.returning():
+            log.info("Reading sessions from %s while copies in %s are dropped", self.durable.name, self.cache.name)
+
+    # -- the probe -----------------------------------------------------------------------
+
     def _check(self) -> None:
-        """The probe: notice an outage even without requests, and move back when a store returns."""
-        if self._cache == UP:
-            self._on_cache(lambda c: c.ping())
-        else:
-            self._cache_returns()
-        if not self._durable_up:
+        """Every probe interval: check the cache (and drain the marks), then a durable store that is away."""
+        self._check_cache()
+        if not self.durable_health.up:
             self._durable_returns()
 
-    def _cache_returns(self) -> None:
-        # Ping before holding writes back: a hung cache must not stall every write for a timeout.
-        if not self._answers(self.cache):
+    def _check_cache(self) -> None:
+        health = self.cache_health
+        started = time.perf_counter()
+        try:
+            server = self.cache.server_id()  # the ping, and which server answers it
+        except StoreError as exc:
+            self._cache_failed(exc)
+            self._report_backlog(drained=None)
             return
-        if self._cache == DOWN:
-            with self._gate.switch():
-                try:
-                    synced = not self._durable_up or self._sync_durable() is not None
-                except StoreError as exc:
-                    self._durable_failed(exc)
-                    synced = True
-                if synced and self._drop_stale():
-                    # Writes reach the cache again, reads not yet: other processes may still
-                    # hold copies they wrote while it was away, and drop them within a probe.
-                    self._cache, self._returning_since = RETURNING, time.monotonic()
-        elif time.monotonic() - self._returning_since >= 2 * self.probe_interval:
-            with self._gate.switch():
-                if self._drop_stale():
-                    self._cache = UP
-                    log.info("%s is back, using %s for session storage", self.cache.name, self.cache.name)
+        seconds = time.perf_counter() - started
+        if health.writable:
+            self._cache_took(seconds)
+            if not health.writable:
+                return  # too slow: not to be used again before a later probe finds it fast
+        elif not health.answered(seconds):
+            self._report_backlog(drained=None)
+            return
+        if not self.durable_health.up:
+            # The marks are in the durable store, out of reach: the cache, the only store left,
+            # is used as it is, and drained once the durable store is back.
+            if not health.up:
+                self._cache_back()
+            return
+        try:
+            if not self._repair.same_server(server):
+                self._distrust()
+            drained = self._repair.drain(self._distrust)  # most of it while writes go on
+            if not health.writable:
+                self._cache_returns()
+        except CacheFailed as exc:
+            self._cache_failed(exc)
+        except StoreError as exc:
+            self._durable_failed(exc)
+        else:
+            self._report_backlog(drained)
+            if drained:
+                self._distrust()  # some process wrote around the cache: its older copies were just read
+            elif health.state is State.RETURNING and self._clean_for() >= CLEAN_INTERVALS * self.probe_interval:
+                self._cache_back()
 
-    def _drop_stale(self) -> bool:
-        """Delete the cache's out-of-date copies; False if the cache failed meanwhile."""
-        for key in list(self._stale):
-            try:
-                self.cache.delete(key)
-            except StoreError as exc:
-                self._cache_failed(exc)
-                return False
-            self._stale.discard(key)
-        return True
+    def _clean_for(self) -> float:
+        """Seconds since a copy was last dropped (or since the cache returned)."""
+        return time.monotonic() - self._clean_since
+
+    def _cache_returns(self) -> None:
+        """Write to the cache again, once what it missed is dropped: writes wait meanwhile, so
+        that none of them skips the cache after the last drain. Reads follow after two probes
+        that find nothing to drop: other processes may still be writing around it."""
+        with self._gate.switch():
+            if self._catch_up.sync() is None:
+                return  # the cache failed while the durable store was brought up to date
+            self._repair.drain(self._distrust)
+            self._clean_since = time.monotonic()
+            self.cache_health.returning()
+
+    def _cache_back(self) -> None:
+        """Read from the cache again."""
+        with self._gate.switch():
+            if not self.cache_health.back():
+                return
+        if self._outage:
+            self._outage = False
+            log.info("%s is back, using %s for session storage", self.cache.name, self.cache.name)
+        else:
+            log.info("Reading sessions from %s again", self.cache.name)
+
+    def _report_backlog(self, drained: int | None) -> None:
+        """Tell Prometheus how many copies await a drop: those this probe drained, or, while this
+        process does not drain, those the durable store lists."""
+        if drained is None:
+            with contextlib.suppress(StoreError):
+                drained = self.durable.count_stale() if self.durable_health.up else None
+        metrics.backlog(drained, len(self._catch_up.unsynced))
 
     def _durable_returns(self) -> None:
         try:
@@ -235,43 +333,15 @@ class FailoverStore(SessionStore):
             return
         with self._gate.switch():
             try:
-                copied = self._sync_durable()
+                copied = self._catch_up.sync()
             except StoreError:
                 return
-            self._durable_up = True
+            self.durable_health.back()
         if copied is None:
             log.warning("%s is back; %d sessions changed meanwhile stay newer in %s until it answers",
-                        self.durable.name, len(self._unsynced), self.cache.name)  # fmt: skip
+                        self.durable.name, len(self._catch_up.unsynced), self.cache.name)  # fmt: skip
         else:
             log.info("%s is back: %d sessions copied to it from %s", self.durable.name, copied, self.cache.name)
-
-    def _sync_durable(self) -> int | None:
-        """Copy to the durable store what changed in the cache while it was away; return how many.
-
-        Returns None when the cache cannot be read (what is left stays noted, and is copied
-        when the cache returns); a failure of the durable store raises :class:`StoreError`.
-        """
-        copied = 0
-        for key, written in list(self._unsynced.items()):
-            try:
-                record = self.cache.load(key) if written else None
-            except StoreError:
-                return None
-            if record is not None:
-                self.durable.create(key, encode_values(record.data), record.expires - now())
-                copied += 1
-            elif not written:
-                self.durable.delete(key)
-            # written, but the cache lost it (restarted empty): the durable copy is all there is
-            del self._unsynced[key]
-        return copied
-
-    def _answers(self, store: SessionStore) -> bool:
-        try:
-            store.ping()
-            return True
-        except StoreError:
-            return False
 
     def _on_cache(self, operation: Callable[[SessionStore], Any]) -> bool:
         """Run ``operation`` on the cache; on failure, mark it down and return False."""

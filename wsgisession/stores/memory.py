@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Mapping
+import uuid
+from collections.abc import Mapping, Sequence
 
-from .base import Changes, Record, SessionStore, json_value, log, now
+from .base import CacheStore, Changes, DurableStore, Record, json_value, log, now
 
 
-class MemoryStore(SessionStore):
+class MemoryStore(CacheStore, DurableStore):
     """Sessions in a dict guarded by a lock. Lost on restart, not shared by workers."""
 
     name = "memory"
 
     def __init__(self) -> None:
         self._sessions: dict[str, tuple[dict[str, str], float]] = {}
+        self._stale: dict[int, str] = {}
+        self._marks = itertools.count(1)
+        self._server = uuid.uuid4().hex  # this store is its own server, for as long as it lives
         self._lock = threading.Lock()
 
     def load(self, key: str) -> Record | None:
@@ -59,6 +64,29 @@ class MemoryStore(SessionStore):
 
     def ping(self) -> None:
         pass
+
+    def server_id(self) -> str:
+        return self._server
+
+    def clear(self) -> None:
+        with self._lock:
+            self._sessions.clear()
+
+    def mark_stale(self, key: str) -> None:
+        with self._lock:
+            self._stale[next(self._marks)] = key
+
+    def stale(self, limit: int) -> list[tuple[int, str]]:
+        with self._lock:
+            return sorted(self._stale.items())[:limit]
+
+    def unmark_stale(self, marks: Sequence[int]) -> None:
+        with self._lock:
+            for mark in marks:
+                self._stale.pop(mark, None)
+
+    def count_stale(self) -> int:
+        return len(self._stale)
 
     def cleanup(self) -> int:
         with self._lock:

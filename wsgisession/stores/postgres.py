@@ -23,6 +23,7 @@ class PostgresStore(SQLStore):
     param = "%s"
     data_type = "JSONB"
     time_type = "TIMESTAMPTZ"
+    mark_type = "BIGSERIAL"
     errors = (psycopg2.Error,)
 
     def __init__(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -21,7 +21,7 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .base import Changes, Record, SessionStore, StoreError, after_fork, json_value, log, now
+from .base import CacheStore, Changes, Record, StoreError, after_fork, json_value, log, now
 
 #: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
 #: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
@@ -55,7 +55,7 @@ return 1
 _UPDATE_SHA = hashlib.sha1(_UPDATE.encode(), usedforsecurity=False).hexdigest()
 
 
-class RedisStore(SessionStore):
+class RedisStore(CacheStore):
     """Sessions as Redis hashes ``<prefix><key>`` of JSON values, expired by Redis itself."""
 
     name = "Redis"
@@ -163,6 +163,35 @@ class RedisStore(SessionStore):
         else:
             self._run(client.ping)
 
+    def server_id(self) -> str:
+        """The ``run_id`` of the server (of each primary of a cluster), new at every start of a server."""
+        client = self.client
+        if isinstance(client, RedisCluster):
+            found = self._run(client.info, "server", target_nodes=RedisCluster.PRIMARIES)
+            return ",".join(sorted(str(info["run_id"]) for info in found.values()))
+        return str(self._run(client.info, "server")["run_id"])
+
+    def clear(self) -> None:
+        """Delete every session under the prefix (keys of the prefix that are not sessions stay)."""
+        client = self.client
+        pattern = _glob_escape(self.prefix) + "[0-9a-f]" * 64  # what store_key() gives: a SHA-256 in hex
+
+        def clear() -> None:
+            batch: list[Any] = []
+            for name in client.scan_iter(match=pattern, count=1000):
+                batch.append(name)
+                if len(batch) == 1000:
+                    client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                client.unlink(*batch)
+
+        self._run(clear)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if keys:
+            self._run(self.client.unlink, *[self.prefix + key for key in keys])
+
     def close(self) -> None:
         client = self._client
         if not self._owns_client or client is None:
@@ -183,6 +212,11 @@ class RedisStore(SessionStore):
 def milliseconds(seconds: float) -> int:
     """A TTL in whole milliseconds, at least 1 (Redis refuses 0)."""
     return max(1, round(seconds * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a SCAN pattern that matches it literally."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def wrong_type(exc: redis.ResponseError) -> bool:

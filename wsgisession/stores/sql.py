@@ -12,14 +12,14 @@ import re
 import threading
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
     Changes,
+    DurableStore,
     Periodic,
     Record,
-    SessionStore,
     StoreError,
     after_fork,
     decode_record,
@@ -29,7 +29,8 @@ from .base import (
     now,
 )
 
-TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?")
+# 57 characters at most: the table of stale marks adds "_stale", within PostgreSQL's 63.
+TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}(\.[A-Za-z_][A-Za-z0-9_]{0,56})?")
 CLEANUP_BATCH = 1000
 
 # Connections inherited through a fork are kept, never closed, so that the child
@@ -134,13 +135,15 @@ class Pool:
         self._idle.clear()
 
 
-class SQLStore(SessionStore):
-    """Sessions as rows ``(id, data, expires_at)`` of one table, with a cleanup thread."""
+class SQLStore(DurableStore):
+    """Sessions as rows ``(id, data, expires_at)`` of one table, with a cleanup thread; behind a cache,
+    the marks of its out-of-date copies in a second table, ``<table>_stale``."""
 
     param = "?"
     columns = ("id", "data", "expires_at")
     data_type = "TEXT"
     time_type = "REAL"
+    mark_type = "INTEGER"  # an integer primary key that numbers rows as they are inserted
     table_options = ""
     #: how a merge in Python opens its transaction, and what its read adds to lock the row
     rewrite_begin = "BEGIN"
@@ -171,6 +174,9 @@ class SQLStore(SessionStore):
         self._sql_rewrite = f"UPDATE {t} SET {d} = {p}, {e} = {ts} WHERE {i} = {p}"
         batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
+        self.stale_table = f"{t}_stale"
+        self._sql_mark = f"INSERT INTO {self.stale_table} (key) VALUES ({p})"
+        self._sql_stale = f"SELECT mark, key FROM {self.stale_table} ORDER BY mark LIMIT {p}"
         after_fork(self, SQLStore._after_fork)
 
     # -- dialect ---------------------------------------------------------------------
@@ -192,6 +198,7 @@ class SQLStore(SessionStore):
             f"CREATE TABLE IF NOT EXISTS {self.table} (id TEXT PRIMARY KEY, data {self.data_type} NOT NULL, "
             f"expires_at {self.time_type} NOT NULL){self.table_options}",
             f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (expires_at)",
+            f"CREATE TABLE IF NOT EXISTS {self.stale_table} (mark {self.mark_type} PRIMARY KEY, key TEXT NOT NULL)",
         ]
 
     @abstractmethod
@@ -266,6 +273,26 @@ class SQLStore(SessionStore):
         with self._cursor() as cur:
             cur.execute("SELECT 1")
             cur.fetchone()
+
+    def mark_stale(self, key: str) -> None:
+        with self._cursor() as cur:
+            cur.execute(self._sql_mark, (key,))
+
+    def stale(self, limit: int) -> list[tuple[int, str]]:
+        with self._cursor() as cur:
+            cur.execute(self._sql_stale, (limit,))
+            return [(int(mark), key) for mark, key in cur.fetchall()]
+
+    def unmark_stale(self, marks: Sequence[int]) -> None:
+        if marks:
+            with self._cursor() as cur:
+                listed = ", ".join([self.param] * len(marks))
+                cur.execute(f"DELETE FROM {self.stale_table} WHERE mark IN ({listed})", tuple(marks))
+
+    def count_stale(self) -> int:
+        with self._cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {self.stale_table}")
+            return int(cur.fetchone()[0])
 
     def cleanup(self) -> int:
         """Delete expired rows in batches of 1000, each in its own short transaction."""
