@@ -24,6 +24,7 @@ from servers import pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
+from wsgisession.stores.base import Periodic
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.sql import SQLStore
@@ -405,3 +406,24 @@ def test_forked_child_starts_its_own_thread_and_connections(make_store: Callable
     assert store.update(parent_key, Changes(set={"after": "true"}), TTL)
     assert store.touch(parent_key, TTL)
     assert len(set(cleanup_threads()) - before) == 1, "the parent's cleanup thread is gone"
+
+
+def test_a_periodic_task_that_raises_is_logged_and_runs_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A bug or a driver's surprise in the probe or the cleanup must not end its thread for good."""
+    runs: list[int] = []
+
+    def task() -> None:
+        runs.append(1)
+        if len(runs) == 1:
+            raise KeyError("run_id")
+
+    periodic = Periodic("test-periodic", 0.01, task)
+    periodic.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(runs) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        periodic.stop()
+    assert len(runs) >= 3
+    assert any("the periodic task failed" in r.getMessage() for r in caplog.records)

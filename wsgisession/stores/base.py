@@ -251,7 +251,10 @@ class Periodic:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval * random.uniform(0.8, 1.2)):
-            self._task()
+            try:
+                self._task()
+            except Exception:  # a bug or a driver's surprise must not end the thread for good
+                log.exception("%s: the periodic task failed; it runs again in %s s", self.name, self.interval)
 
     def _forget(self) -> None:
         stopped = self._stop.is_set()

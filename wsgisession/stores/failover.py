@@ -199,10 +199,10 @@ class FailoverStore(SessionStore):
         """This process's view: which store serves, each store's state and counts, and the backlogs:
         cached copies waiting to be dropped (counted in the durable store: None when it cannot
         answer) and sessions waiting to be copied to the durable store."""
-        try:
-            awaiting_drop: int | None = self.durable.count_stale() + self._repair.pending
-        except StoreError:
-            awaiting_drop = None
+        awaiting_drop: int | None = None
+        if self.durable_health.up:  # a durable store that is away would cost a timeout
+            with contextlib.suppress(StoreError):
+                awaiting_drop = self.durable.count_stale() + self._repair.pending
         serving = self.serving_from if self.cache_health.up or self.durable_health.up else None
         return {
             "ok": serving is not None,

@@ -352,10 +352,10 @@ def _sentinel_factory(url: str, scheme: str, socket_options: dict[str, Any]) -> 
         # No retry on a Sentinel: the next one in the list is asked instead.
         "retry": Retry(NoBackoff(), 0),
     }
-    manager = Sentinel(parts.hosts, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call]
+    manager = Sentinel(parts.hosts, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call, unused-ignore]
     # The pool asks the Sentinels for the master's address whenever it opens a connection, and
     # drops a connection to a master that was demoted: a failover costs failed requests, no restart.
-    client = manager.master_for(  # type: ignore[no-untyped-call]
+    client = manager.master_for(  # type: ignore[no-untyped-call, unused-ignore]
         service,
         db=int(db),
         username=parts.username,
