@@ -284,11 +284,28 @@ def test_forced_memory_store_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("SESSION_STORE_TIMEOUT", "fast"), ("SESSION_STORE_TIMEOUT", "0"), ("SESSION_CLEANUP_INTERVAL", "-1")],
+    [
+        ("SESSION_STORE_TIMEOUT", "fast"),
+        ("SESSION_STORE_TIMEOUT", "0"),
+        ("SESSION_CLEANUP_INTERVAL", "-1"),
+        ("SESSION_LATENCY_BUDGET", "0"),
+        ("SESSION_LATENCY_BUDGET", "100ms"),
+    ],
 )
 def test_invalid_numbers_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         load(**{variable: value})
+
+
+def test_latency_budget_is_seconds() -> None:
+    assert load(SESSION_LATENCY_BUDGET="0.25").latency_budget == 0.25
+    assert load().latency_budget == 0.1
+
+
+def test_table_name_leaves_room_for_its_table_of_stale_marks() -> None:
+    assert load(SESSION_TABLE="t" * 57).table == "t" * 57
+    with pytest.raises(ConfigError, match="SESSION_TABLE"):
+        load(SESSION_TABLE="t" * 58)  # "_stale" would pass PostgreSQL's 63 characters
 
 
 # -- precedence ---------------------------------------------------------------------

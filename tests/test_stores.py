@@ -16,6 +16,7 @@ from servers import free_port, pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
+from wsgisession.stores.base import CacheStore, DurableStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
 
@@ -597,3 +598,74 @@ def test_redis_updates_on_a_server_that_lost_its_scripts(make_store: Any) -> Non
     assert store.touch(key, TTL)
     record = store.load(key)
     assert record is not None and record.data == {"n": 3}
+
+
+# -- the roles behind a FailoverStore: a cache (memory, Redis) and a durable store (memory, SQL) ----------
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgres"])
+def test_durable_store_keeps_stale_marks_in_order_and_drops_only_those_drained(
+    make_store: Callable[..., SessionStore], kind: str
+) -> None:
+    store = make_store(kind)
+    assert isinstance(store, DurableStore)
+    assert store.stale(10) == [] and store.count_stale() == 0
+    first, second = new_key(), new_key()
+    store.mark_stale(first)
+    store.mark_stale(second)
+    store.mark_stale(first)  # marked again: a second write around the cache
+    marks = store.stale(2)
+    assert [key for _, key in marks] == [first, second], "oldest first, at most the limit"
+    store.mark_stale(DurableStore.EVERY)  # made while the first two are dropped
+    store.unmark_stale([mark for mark, _ in marks])
+    assert [key for _, key in store.stale(10)] == [first, DurableStore.EVERY]
+    assert store.count_stale() == 2
+    store.unmark_stale([])
+
+
+def test_stale_marks_are_shared_by_every_store_on_the_table(make_store: Callable[..., SessionStore]) -> None:
+    """Two processes (two stores on one table): one marks, the other drains."""
+    one = make_store("postgres")
+    assert isinstance(one, PostgresStore)
+    other = make_store("postgres", table=one.table)
+    key = new_key()
+    one.mark_stale(key)
+    assert [k for _, k in other.stale(10)] == [key]  # type: ignore[attr-defined]
+    other.unmark_stale([mark for mark, _ in other.stale(10)])  # type: ignore[attr-defined]
+    assert one.count_stale() == 0
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_cache_store_names_its_server_and_clears_every_session(
+    make_store: Callable[..., SessionStore], kind: str
+) -> None:
+    store = make_store(kind)
+    assert isinstance(store, CacheStore)
+    server = store.server_id()
+    assert server and store.server_id() == server, "the same server, asked twice"
+    keys = [new_key() for _ in range(5)]
+    for key in keys:
+        store.create(key, {"n": "1"}, TTL)
+    store.delete_many(keys[:2])
+    store.delete_many([])
+    assert [store.load(key) is not None for key in keys] == [False, False, True, True, True]
+    store.clear()
+    assert all(store.load(key) is None for key in keys)
+
+
+def test_redis_clear_leaves_keys_of_the_prefix_that_are_not_sessions(
+    make_store: Callable[..., SessionStore], redis_url: str
+) -> None:
+    store = make_store("redis", prefix="t*[?]" + uuid.uuid4().hex + ":")  # glob characters, taken literally
+    assert isinstance(store, RedisStore)
+    neighbour = make_store("redis", prefix=store.prefix[:-1] + "x:")  # another app's prefix, sharing the start
+    kept = store.prefix + "not-a-session"
+    store.client.set(kept, "1")
+    session, other = new_key(), new_key()
+    store.create(session, {"n": "1"}, TTL)
+    neighbour.create(other, {"n": "1"}, TTL)
+    store.clear()
+    assert store.load(session) is None
+    assert neighbour.load(other) is not None
+    assert store.client.get(kept) == b"1"
+    store.client.delete(kept)
