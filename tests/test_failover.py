@@ -139,11 +139,11 @@ class Backends:
         self.prefix = unique("fo") + ":"
         self.stores: list[FailoverStore] = []
 
-    def store(self, redis_url: str | None = None) -> FailoverStore:
+    def store(self, redis_url: str | None = None, **options: Any) -> FailoverStore:
         """A process's store, reaching Redis at ``redis_url`` (through a proxy) or directly."""
         cache = RedisStore(redis_url or self.redis.url, prefix=self.prefix, timeout=TIMEOUT)
         durable = PostgresStore(self.database_url, table=self.table, cleanup_interval=0, timeout=1.0)
-        store = FailoverStore(cache, durable, probe_interval=PROBE)
+        store = FailoverStore(cache, durable, **{"probe_interval": PROBE, **options})
         self.stores.append(store)
         return store
 
@@ -669,6 +669,40 @@ def test_a_blip_one_process_saw_is_read_by_the_others_within_the_bound(shared: B
     assert alice_a.session()["count"] == 1
 
 
+def test_sibling_processes_of_a_host_read_a_write_around_redis_at_once(shared: Backends, proxy: Proxy) -> None:
+    """Processes of one host (one ``host`` name): one of them cannot reach Redis and writes to
+    PostgreSQL alone; a sibling reads the new value at once, with no probe in between (the probes
+    here run every minute), though Redis still holds the older copy. A process of another host
+    reads that copy until its probe drops it: the bound."""
+    host = unique("host")
+    store_a = shared.store(proxy.url, host=host, probe_interval=60)
+    store_b = shared.store(host=host, probe_interval=60)
+    other_host = shared.store(host=unique("host"), probe_interval=60)
+    alice = Browser(shared.app(store_b))
+    alice.login("alice")
+    alice.counter()
+    elsewhere = Browser(shared.app(other_host), alice.cookie)
+    assert elsewhere.session()["count"] == 1  # its first use is over: it probed once
+    proxy.cut()
+    assert Browser(shared.app(store_a), alice.cookie).counter().status == 303  # to PostgreSQL alone
+    assert store_b.cache.load(alice.key).data["count"] == 1  # type: ignore[union-attr]
+    assert alice.session()["count"] == 2, "a sibling process read Redis's older copy"
+    assert elsewhere.session()["count"] == 1  # another host, within the bound
+
+
+def test_a_new_process_drops_marked_copies_before_its_first_read(shared: Backends, proxy: Proxy) -> None:
+    """A worker started while another wrote around Redis (recycled, redeployed) does not serve
+    the older copy before its probe has run: it drops the marked copies first."""
+    store_a = shared.store(proxy.url, probe_interval=60)
+    alice = Browser(shared.app(store_a))
+    alice.login("alice")
+    proxy.cut()
+    assert alice.counter().status == 303  # to PostgreSQL alone, marked
+    new_worker = shared.store(probe_interval=60)
+    assert Browser(shared.app(new_worker), alice.cookie).session()["count"] == 1
+    assert new_worker.durable.count_stale() == 0  # type: ignore[attr-defined]
+
+
 def test_marks_outlive_the_process_that_made_them(shared: Backends, log: Log) -> None:
     """A process changes sessions while Redis hangs, and exits before Redis answers again: no
     other process reads Redis's older copies once the bound has passed after it answers."""
@@ -718,6 +752,30 @@ def test_redis_restored_from_a_snapshot_serves_no_older_copy(shared: Backends, l
     assert log(CHANGED_LINE) == 1
     wait_until(lambda: store.serving_from == "Redis", "back on Redis")
     assert alice.session()["count"] == 3
+
+
+def test_a_restarted_redis_is_not_read_before_it_is_checked(shared: Backends) -> None:
+    """Redis restarts from an older snapshot while a process, between two probes, does not look:
+    its next read must not come from the restarted server, which redis-py reconnects to without a
+    word (a RedisStore whose server no failover checks does read the older copy)."""
+    store = shared.store(probe_interval=60)
+    unchecked = RedisStore(shared.redis.url, prefix=shared.prefix, timeout=TIMEOUT)
+    alice = Browser(shared.app(store))
+    alice.login("alice")
+    alice.counter()
+    key = alice.key
+    client = redis.Redis.from_url(shared.redis.url)
+    client.save()  # count 1
+    client.close()
+    alice.counter()
+    alice.counter()
+    assert unchecked.load(key).data["count"] == 3  # type: ignore[union-attr]
+    shared.redis.kill()
+    shared.redis.start()
+    assert unchecked.load(key).data["count"] == 1  # type: ignore[union-attr]  # the older copy, unnoticed
+    unchecked.close()
+    assert alice.session()["count"] == 3, "read the restarted server's older copy before checking it"
+    assert store.serving_from == "PostgreSQL"
 
 
 # -- gray failures --------------------------------------------------------------------------------

@@ -6,8 +6,11 @@ import threading
 import time
 
 import pytest
+from pg_server import PostgresServer
+from servers import running, unique
 
 from wsgisession.stores.base import StoreError
+from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.sql import Pool
 
 
@@ -168,3 +171,34 @@ def test_a_connection_whose_close_is_interrupted_still_frees_its_place() -> None
     with pytest.raises(KeyboardInterrupt):
         pool.discard(conn)
     assert pool.acquire() is not None  # the bound is not left one short
+
+
+def test_a_restarted_postgres_costs_one_failed_statement_not_one_per_pooled_connection() -> None:
+    """PostgreSQL restarts: every pooled connection is dead. The first statement finds out and
+    fails; the idle connections are dropped with it, so the next statements work at once."""
+    with running(PostgresServer()) as server:
+        store = PostgresStore(server.url, table=unique("pool"), cleanup_interval=0, pool_size=4)
+        try:
+            barrier = threading.Barrier(4)
+
+            def hold_a_connection() -> None:
+                with store._cursor() as cur:  # four connections at once: four in the pool after
+                    barrier.wait(5)
+                    cur.execute("SELECT 1")
+
+            threads = [threading.Thread(target=hold_a_connection) for _ in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(10)
+            server.stop()
+            server.start()
+            failed = 0
+            for _ in range(4):
+                try:
+                    store.load("k")
+                except StoreError:
+                    failed += 1
+            assert failed == 1
+        finally:
+            store.close()

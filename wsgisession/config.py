@@ -266,6 +266,7 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
         latency_budget=settings.latency_budget,
         cache_up=redis_up,
         durable_up=postgres_up,
+        host=f"{settings.redis_url}|{settings.redis_prefix}|{settings.database_url}|{settings.table}",
     )
 
 

@@ -108,6 +108,10 @@ class CacheStore(SessionStore):
         takes over (a failover), after which it may hold less than was written to it. Raises
         :class:`StoreError` as :meth:`ping` does."""
 
+    def expect(self, server: str) -> None:
+        """From now on, fail (:class:`StoreError`) rather than answer from another server than
+        ``server`` (one that took over unseen, through a new connection)."""
+
     @abstractmethod
     def clear(self) -> None:
         """Delete every session this store holds."""

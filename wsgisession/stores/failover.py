@@ -39,7 +39,7 @@ from .base import (
     now,
 )
 from .health import Health, State, metrics
-from .resync import CacheFailed, CacheRepair, DurableCatchUp
+from .resync import CacheFailed, CacheRepair, DurableCatchUp, HostClock
 
 #: how slow the cache may answer, on a moving average, before it counts as away (seconds)
 LATENCY_BUDGET = 0.1
@@ -53,7 +53,9 @@ class FailoverStore(SessionStore):
 
     ``cache_up`` and ``durable_up`` give the state found at start-up; the probe, every
     ``probe_interval`` seconds, corrects it. A cache whose commands take longer than
-    ``latency_budget`` seconds on average is treated as away.
+    ``latency_budget`` seconds on average is treated as away. The processes of one host that
+    pass the same ``host`` name (config.py names the stores) learn at once when one of them
+    wrote around the cache; each of them reads the durable store for two probe intervals then.
     """
 
     def __init__(
@@ -65,6 +67,7 @@ class FailoverStore(SessionStore):
         latency_budget: float = LATENCY_BUDGET,
         cache_up: bool = True,
         durable_up: bool = True,
+        host: str | None = None,
     ) -> None:
         self.cache = cache
         self.durable = durable
@@ -74,25 +77,48 @@ class FailoverStore(SessionStore):
         self.durable_health = Health(durable.name, durable_up, probe_interval)
         self._repair = CacheRepair(cache, durable)
         self._catch_up = DurableCatchUp(cache, durable)
+        self._around = HostClock(host)  # when a process of this host last wrote around the cache
         self._clean_since = 0.0  # monotonic time of the last copy dropped, while returning
         self._outage = not cache_up  # the cache failed since reads last used it
         self._gate = _Gate()
         self._probe = Periodic("wsgisession-probe", probe_interval, self._check)
+        self._used = False  # in this process
+        self._first_use_lock = threading.Lock()
         after_fork(self, FailoverStore._after_fork)
 
     def _after_fork(self) -> None:
-        self._gate = _Gate()  # it may have been held by a thread the fork left behind
+        # New locks (a parent's thread may have held them); the child checks for itself.
+        self._gate = _Gate()
+        self._first_use_lock = threading.Lock()
+        self._used = False
+
+    def _first_use(self) -> None:
+        """Before a process first reads or writes: one probe, so that it reads no copy that is
+        marked out of date (a worker started while others wrote around the cache); then the
+        probe's thread."""
+        if self._used:
+            return
+        with self._first_use_lock:
+            if not self._used:
+                self._check()
+                self._probe.start()
+                self._used = True
 
     @property
     def serving_from(self) -> str:
         """The name of the store that answers reads now."""
-        return self.cache.name if self.cache_health.up else self.durable.name
+        return self.cache.name if self._reads_cache() else self.durable.name
+
+    def _reads_cache(self) -> bool:
+        """Whether reads go to the cache: it is up, and no process of this host has written around
+        it, or dropped copies from it, for two probe intervals."""
+        return self.cache_health.up and self._around.since() >= CLEAN_INTERVALS * self.probe_interval
 
     # -- reads ---------------------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
-        self._probe.start()
-        if self.cache_health.up:
+        self._first_use()
+        if self._reads_cache() or (self.cache_health.writable and not self.durable_health.up):
             started = time.perf_counter()
             try:
                 record = self.cache.load(key)
@@ -109,7 +135,7 @@ class FailoverStore(SessionStore):
         except StoreError as exc:
             self._durable_failed(exc)
             raise
-        if record is not None and self.cache_health.up:
+        if record is not None and self._reads_cache():
             self._refill(key, record)
         return record
 
@@ -143,7 +169,7 @@ class FailoverStore(SessionStore):
 
     def _write(self, key: str, operation: Callable[[SessionStore], Any], written: bool) -> Any:
         """Apply ``operation`` to both stores, and note what either of them missed."""
-        self._probe.start()
+        self._first_use()
         with self._gate.write():
             durable_ok = cache_ok = False
             result: Any = None
@@ -171,6 +197,7 @@ class FailoverStore(SessionStore):
             self._catch_up.forget(key)  # the durable store has it now
             if not cache_ok:
                 self._repair.mark(key)  # before the write is acknowledged: the cache's copy is out of date
+                self._around.touch()
             elif result is False and cache_result is True:
                 self._on_cache(lambda c: c.delete(key))  # the durable store says it is gone (a logout)
             return result
@@ -262,7 +289,8 @@ class FailoverStore(SessionStore):
             self._report_backlog(drained=None)
             return
         seconds = time.perf_counter() - started
-        if health.writable:
+        returning = not health.writable  # decided once: a request may mark it down meanwhile
+        if not returning:
             self._cache_took(seconds)
             if not health.writable:
                 return  # too slow: not to be used again before a later probe finds it fast
@@ -272,14 +300,16 @@ class FailoverStore(SessionStore):
         if not self.durable_health.up:
             # The marks are in the durable store, out of reach: the cache, the only store left,
             # is used as it is, and drained once the durable store is back.
-            if not health.up:
+            if returning or health.state is State.RETURNING:
                 self._cache_back()
             return
         try:
             if not self._repair.same_server(server):
                 self._distrust()
+            if self._catch_up.unsynced and not returning:
+                self._copy_to_durable()  # before any copy is dropped: they are the newest
             drained = self._repair.drain(self._distrust)  # most of it while writes go on
-            if not health.writable:
+            if returning:
                 self._cache_returns()
         except CacheFailed as exc:
             self._cache_failed(exc)
@@ -287,8 +317,9 @@ class FailoverStore(SessionStore):
             self._durable_failed(exc)
         else:
             self._report_backlog(drained)
-            if drained:
-                self._distrust()  # some process wrote around the cache: its older copies were just read
+            if drained:  # some process wrote around the cache: its older copies may have been read
+                self._distrust()
+                self._around.touch()
             elif health.state is State.RETURNING and self._clean_for() >= CLEAN_INTERVALS * self.probe_interval:
                 self._cache_back()
 
@@ -341,7 +372,18 @@ class FailoverStore(SessionStore):
             log.warning("%s is back; %d sessions changed meanwhile stay newer in %s until it answers",
                         self.durable.name, len(self._catch_up.unsynced), self.cache.name)  # fmt: skip
         else:
-            log.info("%s is back: %d sessions copied to it from %s", self.durable.name, copied, self.cache.name)
+            self._say_copied(copied)
+
+    def _copy_to_durable(self) -> None:
+        """Copy to the durable store what it still misses of the time it was away (the cache could
+        not be read when it returned); raises :class:`StoreError` when the durable store fails."""
+        with self._gate.switch():
+            copied = self._catch_up.sync()
+        if copied is not None:
+            self._say_copied(copied)
+
+    def _say_copied(self, copied: int) -> None:
+        log.info("%s is back: %d sessions copied to it from %s", self.durable.name, copied, self.cache.name)
 
     def _on_cache(self, operation: Callable[[SessionStore], Any]) -> bool:
         """Run ``operation`` on the cache; on failure, mark it down and return False."""

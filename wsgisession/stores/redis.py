@@ -9,6 +9,7 @@ transaction or script is the session's own, so each lands in one hash slot of a 
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import parse_qsl, unquote
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
+from redis.connection import Connection
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
@@ -82,7 +84,9 @@ class RedisStore(CacheStore):
                 client = make()
         if client is not None:
             self._client = client
+            _on_new_connections(client, self._connected)
         self.prefix = prefix
+        self._expected: str | None = None  # the only server commands may run on (see expect())
         after_fork(self, RedisStore._after_fork)
 
     def _after_fork(self) -> None:
@@ -96,7 +100,7 @@ class RedisStore(CacheStore):
             with self._lock:
                 if self._client is None:
                     assert self._make is not None
-                    self._client = self._run(self._make)
+                    self._client = self._run(self._make)  # a cluster: each node's server is not checked
                 client = self._client
                 assert client is not None
         return client
@@ -169,7 +173,29 @@ class RedisStore(CacheStore):
         if isinstance(client, RedisCluster):
             found = self._run(client.info, "server", target_nodes=RedisCluster.PRIMARIES)
             return ",".join(sorted(str(info["run_id"]) for info in found.values()))
-        return str(self._run(client.info, "server")["run_id"])
+        try:
+            return str(self._run(client.info, "server")["run_id"])
+        except StoreError as exc:
+            if isinstance(exc.__cause__, ServerChanged):
+                return exc.__cause__.server
+            raise
+
+    def expect(self, server: str) -> None:
+        """Each new connection (redis-py opens one, unasked, where a pooled one broke) is checked
+        for being to ``server``; one to another server fails its command (not on a cluster)."""
+        self._expected = server
+
+    def _connected(self, connection: Connection) -> None:
+        """redis-py's hook for a new connection: the usual handshake, then the server check."""
+        connection.on_connect()  # type: ignore[no-untyped-call]
+        expected = self._expected
+        if expected is None:
+            return
+        connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]
+        found = _RUN_ID.search(_text(connection.read_response()))
+        server = found.group(1) if found else ""
+        if server != expected:
+            raise ServerChanged(server)
 
     def clear(self) -> None:
         """Delete every session under the prefix (keys of the prefix that are not sessions stay)."""
@@ -207,6 +233,28 @@ class RedisStore(CacheStore):
             return command(*args, **kwargs)
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
+
+
+class ServerChanged(redis.ConnectionError):
+    """A new connection reached another server than the expected one (restarted, failed over)."""
+
+    def __init__(self, server: str) -> None:
+        super().__init__(f"connected to another server (run_id {server or 'unknown'}) than the one expected")
+        self.server = server
+
+
+_RUN_ID = re.compile(r"^run_id:([0-9a-fA-F]+)", re.MULTILINE)
+
+
+def _text(reply: Any) -> str:
+    """A reply as text (bytes, or a RESP3 verbatim string)."""
+    return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+
+
+def _on_new_connections(client: Client, hook: Callable[[Connection], None]) -> None:
+    """Have ``hook`` run on every connection the client's pool opens (plain and Sentinel clients)."""
+    if isinstance(client, redis.Redis):
+        client.connection_pool.connection_kwargs.setdefault("redis_connect_func", hook)
 
 
 def milliseconds(seconds: float) -> int:

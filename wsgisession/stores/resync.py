@@ -5,12 +5,22 @@
   before the write is acknowledged; whichever process reaches the cache drops them from it. A
   cache that comes back as another server (restarted, failed over, restored from a snapshot) may
   have lost any write: every copy is marked at once.
+- :class:`HostClock`: when a process of this host last wrote around the cache or dropped copies
+  from it, so that its sibling processes (a user's next request lands on any of them) read the
+  durable store meanwhile, without waiting for their own probe.
 - :class:`DurableCatchUp`: the sessions changed in the cache alone while the durable store was
   away, copied to it when it returns.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import mmap
+import os
+import struct
+import tempfile
+import time
 from collections.abc import Callable
 
 from .base import CacheStore, DurableStore, StoreError, encode_values, log, now
@@ -40,25 +50,28 @@ class CacheRepair:
             self._unmarked.add(key)
 
     def same_server(self, server: str) -> bool:
-        """Whether the cache is the server this process saw last; if not, mark every copy.
+        """Whether the cache is the server this process saw last; if not, mark every copy. From
+        then on, the cache refuses to answer from any other server until the next call.
 
         The first server a process sees is taken as it is. Raises :class:`StoreError` when the
         durable store cannot take the mark (the server is then still news next time)."""
-        if self.server is None or server == self.server:
-            self.server = server
-            return True
-        self.durable.mark_stale(DurableStore.EVERY)
-        log.warning("%s changed servers (restarted, failed over or restored): every cached copy is dropped "
-                    "before it is used again", self.cache.name)  # fmt: skip
+        same = self.server is None or server == self.server
+        if not same:
+            self.durable.mark_stale(DurableStore.EVERY)
+            log.warning("%s changed servers (restarted, failed over or restored): every cached copy is dropped "
+                        "before it is used again", self.cache.name)  # fmt: skip
         self.server = server
-        return False
+        self.cache.expect(server)
+        return same
 
     def drain(self, distrust: Callable[[], None]) -> int:
-        """Drop every marked copy from the cache, then its mark; return how many marks were drained.
+        """Drop the marked copies from the cache, then their marks; return how many marks were drained.
 
-        Before dropping every copy at once, ``distrust()`` is called: reads must not use the
-        cache while it is being emptied. Raises :class:`CacheFailed` or :class:`StoreError` when
-        the cache or the durable store fails (what is left stays marked).
+        It stops after a round that found fewer than :data:`BATCH` marks: while other processes
+        keep writing around the cache, what they mark meanwhile waits for the next probe. Before
+        dropping every copy at once, ``distrust()`` is called: reads must not use the cache while
+        it is being emptied. Raises :class:`CacheFailed` or :class:`StoreError` when the cache or
+        the durable store fails (what is left stays marked).
         """
         for key in list(self._unmarked):
             self.durable.mark_stale(key)
@@ -79,6 +92,8 @@ class CacheRepair:
                 raise CacheFailed(str(exc)) from exc
             self.durable.unmark_stale([mark for mark, _ in marks])
             drained += len(marks)
+            if len(marks) < BATCH:
+                return drained
 
     @property
     def pending(self) -> int:
@@ -121,3 +136,42 @@ class DurableCatchUp:
             # written, but the cache lost it (restarted empty): the durable copy is all there is
             del self.unsynced[key]
         return copied
+
+
+class HostClock:
+    """A time the processes of one host share: 8 bytes of a memory-mapped file in the temporary
+    directory, named after ``name`` (the stores it is about). Without a name, or where the file
+    cannot be had, it belongs to this process alone."""
+
+    def __init__(self, name: str | None) -> None:
+        self._local = bytearray(8)
+        self._memory: mmap.mmap | bytearray = self._local
+        if name is not None:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:24]
+            path = os.path.join(tempfile.gettempdir(), f"wsgisession-{digest}.clock")
+            try:
+                self._memory = _mapped(path)
+            except OSError as exc:
+                log.warning("Cannot share the write-around clock through %s (%s): this process keeps its own",
+                            path, exc)  # fmt: skip
+
+    def touch(self) -> None:
+        """Now is the latest time."""
+        struct.pack_into("d", self._memory, 0, time.time())
+
+    def since(self) -> float:
+        """Seconds since the latest time (a great many when there is none)."""
+        latest: float = struct.unpack_from("d", self._memory, 0)[0]
+        return time.time() - latest
+
+
+def _mapped(path: str) -> mmap.mmap:
+    """The first 8 bytes of ``path``, created if missing, mapped shared (a fork keeps them shared)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < 8:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 8)
+        return mmap.mmap(fd, 8)
+    finally:
+        os.close(fd)

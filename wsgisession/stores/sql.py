@@ -70,7 +70,7 @@ class Pool:
             return
         self._idle.append(conn)
         if self._closed:  # close() ran meanwhile, perhaps before the append
-            self._close_idle()
+            self.close_idle()
         elif self._waiting:  # read after the append: a waiter counted itself before it looked
             with self._changed:
                 self._changed.notify()
@@ -116,9 +116,10 @@ class Pool:
     def close(self) -> None:
         """Close the idle connections, and each lent one when it comes back; waiters get StoreError."""
         self._closed = True
-        self._close_idle()
+        self.close_idle()
 
-    def _close_idle(self) -> None:
+    def close_idle(self) -> None:
+        """Close the connections no thread has borrowed (the next ones are opened anew)."""
         with self._changed:
             while True:
                 try:
@@ -352,6 +353,8 @@ class SQLStore(DurableStore):
             except BaseException:
                 if pool is not None:
                     pool.discard(conn)
+                    if getattr(conn, "closed", False):  # the server went away: the idle ones went with it
+                        pool.close_idle()
                 else:
                     _close_quietly(conn)
                 raise
