@@ -669,3 +669,24 @@ def test_redis_clear_leaves_keys_of_the_prefix_that_are_not_sessions(
     assert neighbour.load(other) is not None
     assert store.client.get(kept) == b"1"
     store.client.delete(kept)
+
+
+def test_redis_store_refuses_a_new_connection_to_another_server(
+    make_store: Callable[..., SessionStore], private_redis: Any
+) -> None:
+    """After expect(), a connection redis-py reopens to a restarted server fails its command (the
+    caller must learn of it before reading what may be older data); server_id() names the new one."""
+    store = make_store("redis", url=private_redis.url)
+    assert isinstance(store, RedisStore)
+    first = store.server_id()
+    store.expect(first)
+    key = new_key()
+    store.create(key, {"n": "1"}, TTL)
+    private_redis.kill()
+    private_redis.start()
+    with pytest.raises(StoreError, match="another server"):
+        store.load(key)
+    second = store.server_id()
+    assert second != first
+    store.expect(second)
+    assert store.load(key) is None  # the restarted server is empty, and may be read now
