@@ -607,6 +607,35 @@ def test_session_lost_by_redis_while_postgres_was_away_is_not_deleted_from_postg
     assert alice.session()["user"] == "alice", "the user was logged out after both stores came back"
 
 
+def test_redis_restarted_while_postgres_is_away_serves_and_is_checked_when_postgres_is_back(
+    private: Backends, private_pg: PostgresServer, log: Log
+) -> None:
+    """With PostgreSQL away, a Redis that changed servers is the only store left: it serves (new
+    logins work), and the change is marked once PostgreSQL is back, after what Redis alone holds
+    has been copied to it."""
+    store = private.store()
+    app = private.app(store)
+    alice = Browser(app)
+    alice.login("alice")
+    time.sleep(2 * PROBE)  # the probe has seen the server
+    private_pg.stop()
+    alice.counter()  # PostgreSQL noticed away; Redis only
+    private.redis.kill()
+    private.redis.start()  # another server, empty
+    bob = Browser(app)
+
+    def bob_logs_in() -> bool:
+        if bob.cookie is None:
+            bob.request("POST", "/login", {"username": "bob"})  # not saved while Redis is distrusted
+        return bob.cookie is not None and bob.session()["user"] == "bob"
+
+    wait_until(bob_logs_in, "a login with Redis alone, after it changed servers")
+    private_pg.start()
+    wait_until(lambda: log(CHANGED_LINE) == 1 and store.serving_from == "Redis", "the change marked, Redis used")
+    assert bob.session()["user"] == "bob", "what Redis alone held was dropped before PostgreSQL had it"
+    assert store.durable.load(bob.key) is not None  # type: ignore[attr-defined]
+
+
 # -- every process of every host: the marks in PostgreSQL -------------------------------------------
 
 BOUND = 2 * PROBE  # what the README promises: every process reads an acknowledged write within this

@@ -100,9 +100,13 @@ class FailoverStore(SessionStore):
             return
         with self._first_use_lock:
             if not self._used:
-                self._check()
+                try:
+                    self._check()
+                except Exception:  # as in the probe's thread: a surprise is logged, not a request's 500
+                    log.exception("The first probe of %s failed", self.name)
+                finally:
+                    self._used = True
                 self._probe.start()
-                self._used = True
 
     @property
     def serving_from(self) -> str:
@@ -299,7 +303,8 @@ class FailoverStore(SessionStore):
             return
         if not self.durable_health.up:
             # The marks are in the durable store, out of reach: the cache, the only store left,
-            # is used as it is, and drained once the durable store is back.
+            # is used as it is (whichever server answers), and drained once the durable store is back.
+            self._repair.use_unmarked(server)
             if returning or health.state is State.RETURNING:
                 self._cache_back()
             return
@@ -329,8 +334,8 @@ class FailoverStore(SessionStore):
 
     def _cache_returns(self) -> None:
         """Write to the cache again, once what it missed is dropped: writes wait meanwhile, so
-        that none of them skips the cache after the last drain. Reads follow after two probes
-        that find nothing to drop: other processes may still be writing around it."""
+        that none of them skips the cache after the last drain. Reads follow after two probe
+        intervals without a copy to drop: other processes may still be writing around it."""
         with self._gate.switch():
             if self._catch_up.sync() is None:
                 return  # the cache failed while the durable store was brought up to date

@@ -64,6 +64,11 @@ class CacheRepair:
         self.cache.expect(server)
         return same
 
+    def use_unmarked(self, server: str) -> None:
+        """Let the cache answer from ``server`` while the durable store, where a change of server
+        is marked, is away: :meth:`same_server` marks the change once it is back."""
+        self.cache.expect(server)
+
     def drain(self, distrust: Callable[[], None]) -> int:
         """Drop the marked copies from the cache, then their marks; return how many marks were drained.
 
