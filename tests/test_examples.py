@@ -263,3 +263,24 @@ def test_runs_as_a_script(name: str, tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_the_demo_reports_its_store_for_a_health_check_and_to_prometheus(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """examples/raw_wsgi.py mounts the status app at /status and Prometheus at /metrics."""
+    for variable in filter(is_session_setting, list(os.environ)):
+        monkeypatch.delenv(variable)
+    for variable, value in example_env(tmp_path).items():
+        if is_session_setting(variable):
+            monkeypatch.setenv(variable, value)
+    app = load_example("raw_wsgi", monkeypatch).app
+    try:
+        browser = webtest.TestApp(app)
+        status = browser.get("/status")
+        assert status.json == {"ok": True, "serving": "SQLite", "stores": {"SQLite": {"state": "up"}}}
+        assert "Set-Cookie" not in status.headers
+        metrics = browser.get("/metrics")  # no failover here: Prometheus's own metrics, none of ours
+        assert metrics.content_type == "text/plain" and "# TYPE process_" in metrics.text
+    finally:
+        app.close()
