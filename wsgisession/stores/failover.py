@@ -272,7 +272,7 @@ class FailoverStore(SessionStore):
         """Read from the durable store, still writing to the cache, until no process has written
         around the cache for two probes (or until every copy is dropped from it)."""
         self._clean_since = time.monotonic()
-        if self.cache_health.up and self.cache_health.returning():
+        if self.cache_health.returning(State.UP):
             log.info("Reading sessions from %s while copies in %s are dropped", self.durable.name, self.cache.name)
 
     # -- the probe -----------------------------------------------------------------------
@@ -305,8 +305,8 @@ class FailoverStore(SessionStore):
             # The marks are in the durable store, out of reach: the cache, the only store left,
             # is used as it is (whichever server answers), and drained once the durable store is back.
             self._repair.use_unmarked(server)
-            if returning or health.state is State.RETURNING:
-                self._cache_back()
+            if not health.up:
+                self._cache_back(State.DOWN if returning else State.RETURNING)
             return
         try:
             if not self._repair.same_server(server):
@@ -326,7 +326,7 @@ class FailoverStore(SessionStore):
                 self._distrust()
                 self._around.touch()
             elif health.state is State.RETURNING and self._clean_for() >= CLEAN_INTERVALS * self.probe_interval:
-                self._cache_back()
+                self._cache_back(State.RETURNING)
 
     def _clean_for(self) -> float:
         """Seconds since a copy was last dropped (or since the cache returned)."""
@@ -341,12 +341,12 @@ class FailoverStore(SessionStore):
                 return  # the cache failed while the durable store was brought up to date
             self._repair.drain(self._distrust)
             self._clean_since = time.monotonic()
-            self.cache_health.returning()
+            self.cache_health.returning(State.DOWN)
 
-    def _cache_back(self) -> None:
-        """Read from the cache again."""
+    def _cache_back(self, expected: State) -> None:
+        """Read from the cache again, if it is still ``expected`` (DOWN: only where it is the one store left)."""
         with self._gate.switch():
-            if not self.cache_health.back():
+            if not self.cache_health.back(expected):
                 return
         if self._outage:
             self._outage = False
@@ -372,7 +372,7 @@ class FailoverStore(SessionStore):
                 copied = self._catch_up.sync()
             except StoreError:
                 return
-            self.durable_health.back()
+            self.durable_health.back(State.DOWN)
         if copied is None:
             log.warning("%s is back; %d sessions changed meanwhile stay newer in %s until it answers",
                         self.durable.name, len(self._catch_up.unsynced), self.cache.name)  # fmt: skip

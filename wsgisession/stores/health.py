@@ -84,9 +84,10 @@ class Health:
         metrics.failed(self.name)
         return self._switch(State.DOWN)
 
-    def returning(self) -> bool:
-        """Write to the store, but read it no more (or not yet); True if this switched it."""
-        return self._switch(State.RETURNING)
+    def returning(self, expected: State) -> bool:
+        """Write to the store, but read it no more (or not yet), if it is still ``expected`` (a switch
+        made meanwhile, by a failing request, wins); True if this switched it."""
+        return self._switch(State.RETURNING, expected)
 
     def took(self, seconds: float) -> bool:
         """A command answered in ``seconds``; True when that makes the average pass the budget."""
@@ -107,13 +108,13 @@ class Health:
         """How long a down store must answer before it is used again."""
         return self.probe_interval * min((1 << self._flaps) - 1, MAX_HOLD)
 
-    def back(self) -> bool:
-        """Mark the store up again; True if this switched it."""
-        return self._switch(State.UP)
+    def back(self, expected: State) -> bool:
+        """Mark the store up again, if it is still ``expected``; True if this switched it."""
+        return self._switch(State.UP, expected)
 
-    def _switch(self, state: State) -> bool:
+    def _switch(self, state: State, expected: State | None = None) -> bool:
         with self._lock:
-            if self.state is state:
+            if self.state is state or (expected is not None and self.state is not expected):
                 return False
             was, self.state, self.since = self.state, state, time.time()
             self.switches += 1
