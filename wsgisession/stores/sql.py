@@ -38,6 +38,10 @@ CLEANUP_BATCH = 1000
 _inherited: list[Any] = []
 
 
+class ConnectionLost(StoreError):
+    """The pooled connection had been closed by the server (which restarted, or dropped it)."""
+
+
 class Pool:
     """A bounded, thread-safe pool of DB-API connections for one process.
 
@@ -244,12 +248,18 @@ class SQLStore(DurableStore):
     # -- the store contract ------------------------------------------------------------
 
     def load(self, key: str) -> Record | None:
-        with self._cursor() as cur:
-            self._execute(cur, self._sql_load, (key,))
-            row = cur.fetchone()
+        try:
+            row = self._load_row(key)
+        except ConnectionLost:  # a pooled connection the server had closed (a restart): a read is safe to repeat
+            row = self._load_row(key)
         if row is None or row[1] <= now():
             return None
         return self._record(row[0], float(row[1]))
+
+    def _load_row(self, key: str) -> Any:
+        with self._cursor() as cur:
+            self._execute(cur, self._sql_load, (key,))
+            return cur.fetchone()
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._cursor() as cur:
@@ -342,6 +352,7 @@ class SQLStore(DurableStore):
         """A cursor on a pooled connection (``pooled=False``: on a connection of its own, closed
         after). A connection that saw an error is closed; driver errors become :class:`StoreError`."""
         pool = (self._pool or self._start()) if pooled else None
+        lost = False
         try:
             conn = pool.acquire() if pool is not None else self._connect()
             try:
@@ -355,6 +366,7 @@ class SQLStore(DurableStore):
                     pool.discard(conn)
                     if getattr(conn, "closed", False):  # the server went away: the idle ones went with it
                         pool.close_idle()
+                        lost = True
                 else:
                     _close_quietly(conn)
                 raise
@@ -363,7 +375,8 @@ class SQLStore(DurableStore):
             else:
                 conn.close()
         except self.errors as exc:
-            raise StoreError(f"{type(self).__name__}: {exc}".strip()) from exc
+            error = ConnectionLost if lost else StoreError
+            raise error(f"{type(self).__name__}: {exc}".strip()) from exc
 
     def _start(self) -> Pool:
         """Make this process's pool and start its cleanup thread: on first use, so after a fork."""
