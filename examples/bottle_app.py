@@ -1,6 +1,7 @@
 """The wsgisession demo as a Bottle app: ``python examples/bottle_app.py`` or ``gunicorn examples.bottle_app:app``."""
 
 import html
+import logging
 import os
 
 import bottle
@@ -55,6 +56,8 @@ def logout():
     bottle.redirect("/", 303)
 
 
+if __name__ == "__main__":  # as a script: say which store was chosen, and why
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 app = SessionMiddleware(wsgi_app)  # settings and store from the environment
 
 if __name__ == "__main__":

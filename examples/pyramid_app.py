@@ -4,6 +4,7 @@ The session is read from ``request.environ["session"]``; Pyramid's own session A
 """
 
 import html
+import logging
 import os
 
 from pyramid.config import Configurator
@@ -65,6 +66,8 @@ with Configurator() as config:
     config.add_view(api_session, route_name="api_session", renderer="json")
     wsgi_app = config.make_wsgi_app()
 
+if __name__ == "__main__":  # as a script: say which store was chosen, and why
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 app = SessionMiddleware(wsgi_app)  # settings and store from the environment
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Sessions go to an SQLite file unless REDIS_URL or DATABASE_URL is set.
 
 import html
 import json
+import logging
 import os
 from urllib.parse import parse_qs
 
@@ -61,6 +62,8 @@ def respond(start_response, status, content_type, text):
     return [body]
 
 
+if __name__ == "__main__":  # as a script: say which store was chosen, and why
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 app = SessionMiddleware(wsgi_app)  # settings and store from the environment
 status = status_app(app.store)
 try:

@@ -13,7 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from servers import free_port, unique
+from servers import SECRET, free_port, unique
 from servers import pg_sql as sql
 
 from wsgisession.stores.postgres import PostgresStore
@@ -25,11 +25,12 @@ _OWN_VARIABLES = ("REDIS_URL", "DATABASE_URL")
 def run_cli(
     cwd: Path, *args: str, env: dict[str, str], program: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the CLI with only the session variables given in ``env`` (none inherited from this process)."""
+    """Run the CLI with only the session variables given in ``env`` (none inherited from this process),
+    and the test secret unless ``env`` sets SESSION_SECRET (to "" for none)."""
     base = {k: v for k, v in os.environ.items() if not (k.startswith("SESSION_") or k in _OWN_VARIABLES)}
     return subprocess.run(
         [*(program or [sys.executable, "-m", "wsgisession"]), *args],
-        env={**base, **env},
+        env={**base, "SESSION_SECRET": SECRET, **env},
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -237,20 +238,28 @@ def test_unreachable_forced_postgres_fails_with_one_line(tmp_path: Path) -> None
         assert "127.0.0.1" in line
 
 
-def test_no_reachable_store_is_a_configuration_error(tmp_path: Path) -> None:
+def test_no_reachable_store_is_a_store_failure(tmp_path: Path) -> None:
     env = {"DATABASE_URL": closed_port_url("postgresql", "cli-unreachable-pw")}
     result = run_cli(tmp_path, "check", env=env)
-    line = assert_one_line_error(result, 2)
+    line = assert_one_line_error(result, 1)
     assert "REDIS_URL is not set" in line and "PostgreSQL at" in line
     assert "cli-unreachable-pw" not in result.stdout + result.stderr
 
 
-def test_secret_is_not_needed_and_not_checked(tmp_path: Path) -> None:
-    # SESSION_SECRET unset, or set to a value the middleware would refuse: the CLI signs nothing.
-    for env in ({}, {"SESSION_SECRET": "short"}):
-        result = run_cli(tmp_path, "check", env={"SESSION_STORE": "memory", **env})
-        assert result.returncode == 0, result.stderr
-        assert "Store: MemoryStore" in result.stdout
+@pytest.mark.parametrize(
+    ("secret", "says"), [("", "SESSION_SECRET is not set"), ("short", "trivial"), ("x7Kq-2mZ9!pR", "too short")]
+)
+def test_check_refuses_the_secret_the_application_would_refuse(tmp_path: Path, secret: str, says: str) -> None:
+    result = run_cli(tmp_path, "check", env={"SESSION_STORE": "memory", "SESSION_SECRET": secret})
+    assert says in assert_one_line_error(result, 2)
+
+
+def test_cleanup_and_init_db_need_no_secret(tmp_path: Path) -> None:
+    # They sign nothing: SESSION_SECRET unset, or set to a value the middleware would refuse.
+    for env in ({"SESSION_SECRET": ""}, {"SESSION_SECRET": "short"}):
+        for command in ("cleanup", "init-db"):
+            result = run_cli(tmp_path, command, env={"SESSION_SQLITE_PATH": str(tmp_path / "s.sqlite3"), **env})
+            assert result.returncode == 0, result.stderr
 
 
 def test_missing_command_prints_usage(tmp_path: Path) -> None:

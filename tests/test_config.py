@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,17 @@ def test_max_age_is_milliseconds_in_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SESSION_MAX_AGE", "7200000")
     res = TestApp(SessionMiddleware(hello, MemoryStore())).get("/")
     assert "Max-Age=7200;" in res.headers["Set-Cookie"] + ";"
+
+
+def test_a_max_age_that_looks_like_seconds_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    """SESSION_MAX_AGE=86400 (a seconds habit) would give 86-second sessions: said at start-up."""
+    caplog.set_level(logging.WARNING, logger="wsgisession")
+    assert load(SESSION_MAX_AGE="86400").max_age == 86.4
+    assert "SESSION_MAX_AGE=86400 gives sessions of 86.4 seconds: it is in milliseconds" in caplog.text
+    assert "write 86400000" in caplog.text
+    caplog.clear()
+    load(SESSION_MAX_AGE="86400000", SESSION_ABSOLUTE_TIMEOUT="604800000")
+    assert caplog.text == ""
 
 
 def test_max_age_argument_is_seconds() -> None:

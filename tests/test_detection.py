@@ -188,8 +188,10 @@ def test_nothing_reachable_names_both_and_never_a_password(caplog) -> None:
 
 
 def test_down_redis_without_database_url_is_a_config_error(caplog) -> None:
-    with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
+    with pytest.raises(ConfigError, match="DATABASE_URL is not set") as raised:
         create_session_store(settings(REDIS_URL=closed_redis_url()), cleanup_interval=0)
+    assert "., " not in str(raised.value) and "." not in str(raised.value).split(";")[0][-1:]
+    assert "falling back to PostgreSQL" not in caplog.text, "there is no PostgreSQL to fall back to"
 
 
 def test_passwords_never_appear_in_the_logs(stores, caplog, database_url: str, table: str) -> None:

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import pytest
 import webtest
-from servers import SECRET, free_port
+from servers import SECRET, drop_table, free_port, require_postgres, unique
 
 from wsgisession import SessionMiddleware, SQLiteStore
 
@@ -284,3 +284,19 @@ def test_the_demo_reports_its_store_for_a_health_check_and_to_prometheus(
         assert metrics.content_type == "text/plain" and "# TYPE process_" in metrics.text
     finally:
         app.close()
+
+
+def test_the_demo_says_which_store_it_chose(tmp_path: Path) -> None:
+    """Run as a script, the demo shows the store detection's lines (INFO included) on stderr."""
+    port, table = free_port(), unique("demo")
+    env = {**example_env(tmp_path), "PORT": str(port), "DATABASE_URL": require_postgres(), "SESSION_TABLE": table}
+    process = subprocess.Popen([sys.executable, str(EXAMPLES / "raw_wsgi.py")], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith("Serving on")
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=10)
+        drop_table(require_postgres(), table)
+    assert "No REDIS_URL provided, using PostgreSQL for sessions" in errors

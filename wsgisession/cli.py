@@ -2,7 +2,7 @@
 
 Usage: ``python -m wsgisession {check,cleanup,init-db [--sql]}``. Settings come from the same
 environment variables as the middleware. Exit status: 0 on success, 2 for a configuration
-error, 1 when the store fails.
+error, 1 when the store fails (or none answers).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, Settings, create_session_store, mask_url, postgres_store
+from .config import ConfigError, NoStoreError, Settings, create_session_store, mask_url, postgres_store
 from .stores.base import SessionStore, StoreError
 
 if TYPE_CHECKING:
@@ -32,10 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command: Callable[[argparse.Namespace], int] = args.run
     try:
         return command(args)
+    except (StoreError, NoStoreError) as exc:
+        return _fail(exc, 1)
     except ConfigError as exc:
         return _fail(exc, 2)
-    except StoreError as exc:
-        return _fail(exc, 1)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def check_command(args: argparse.Namespace) -> int:
-    """Print the selected store, why it was selected, and the median time of a few pings."""
-    settings = load_settings()
+    """Check every setting as the application would (SESSION_SECRET included); print the selected
+    store, why it was selected, and the median time of a few pings."""
+    settings = Settings.load()
     with open_store(settings) as store:
         print(f"Store: {describe(store, settings)}")
         timings = []
@@ -103,8 +104,8 @@ def init_db_command(args: argparse.Namespace) -> int:
 def load_settings() -> Settings:
     """The settings from the environment, without requiring SESSION_SECRET.
 
-    These commands sign nothing, but Settings.load insists on a valid secret: give it a
-    throwaway random one so that a host without SESSION_SECRET can still run them.
+    ``cleanup`` and ``init-db`` sign nothing, but Settings.load insists on a valid secret: give
+    it a throwaway random one so that a host without SESSION_SECRET can still run them.
     """
     return Settings.load(secret=secrets.token_urlsafe(36))
 

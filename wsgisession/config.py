@@ -30,10 +30,15 @@ _KNOWN_WEAK = {"secret", "changeme", "change-me", "your-secret-key", "keyboard c
 _GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 STORES = ("redis", "postgres", "sqlite", "memory")
+SHORT_SESSION = 900  # seconds: a timeout under this, from the environment, is said at start-up
 
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message says which and what to do."""
+
+
+class NoStoreError(ConfigError):
+    """No session store answers at start-up (a ConfigError: start-up stops, with one message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +80,10 @@ class Settings:
                     values[name] = parse(raw)
                 except ValueError as exc:
                     raise ConfigError(f"{variable}: {exc}") from None
+                if parse is _milliseconds and values[name] < SHORT_SESSION:  # perhaps a seconds habit
+                    log.warning("%s=%s gives sessions of %g seconds: it is in milliseconds (as express-session's "
+                                "maxAge); for %s seconds, write %s000",
+                                variable, raw, values[name], raw, raw)  # fmt: skip
         secret = overrides.pop("secret", None)
         if secret is not None:
             values["secrets"] = (secret,) if isinstance(secret, str) else tuple(secret)
@@ -229,12 +238,13 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
             redis_up = True
             log.info("Using Redis for session storage")
         except StoreError as exc:
-            redis_failure = f"Redis at {mask_url(settings.redis_url)} did not answer: {exc}"
-            log.warning("Redis unavailable, falling back to PostgreSQL (%s)", redis_failure)
+            redis_failure = f"Redis at {mask_url(settings.redis_url)} did not answer: {str(exc).rstrip('. ')}"
+            if settings.database_url:
+                log.warning("Redis unavailable, falling back to PostgreSQL (%s)", redis_failure)
         if not settings.database_url:
             if redis_up:
                 return redis_store
-            raise ConfigError(f"Cannot start: {redis_failure}, and DATABASE_URL is not set for a fallback")
+            raise NoStoreError(f"Cannot start: {redis_failure}; DATABASE_URL is not set for a fallback")
     elif settings.database_url:
         log.info("No REDIS_URL provided, using PostgreSQL for sessions")
 
@@ -246,7 +256,7 @@ def create_session_store(settings: Settings, cleanup_interval: float | None = No
         postgres_up = True
     except StoreError as exc:
         if not redis_up:
-            raise ConfigError(
+            raise NoStoreError(
                 f"Cannot start: no session store is reachable. {redis_failure}; "
                 f"PostgreSQL at {mask_url(settings.database_url)} failed: {exc}"
             ) from None
