@@ -11,7 +11,7 @@ from servers import SECRET
 from webtest import TestApp
 
 from wsgisession import ConfigError, MemoryStore, SessionMiddleware, Settings
-from wsgisession.config import _VARIABLES
+from wsgisession.settings import _VARIABLES
 
 OTHER = "another-secret-9876543210-ZYXWVUTSRQPONMLKJIHGFEDCBA"
 HOW_TO_GENERATE = "secrets.token_urlsafe"

@@ -14,7 +14,8 @@ import pytest
 from servers import SECRET, RedisServer, free_port, pg_sql, unique
 
 from wsgisession import SQLiteStore
-from wsgisession.config import ConfigError, Settings, create_session_store
+from wsgisession.detection import create_session_store
+from wsgisession.settings import ConfigError, Settings
 from wsgisession.stores.base import SessionStore, StoreError
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.memory import MemoryStore

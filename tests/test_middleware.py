@@ -28,8 +28,8 @@ from servers import SECRET, RedisServer, pg_sql
 from webtest import TestApp
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionStore, SessionValueError, StoreError
-from wsgisession.config import _VARIABLES
 from wsgisession.middleware import _RateLimitedLog
+from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import Changes, Record
 

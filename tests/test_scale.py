@@ -3,7 +3,7 @@
 Real servers only (redis_topologies.py starts them on free loopback ports and kills them at the end):
 a master, a replica and three Sentinels; a three-master cluster; a pgbouncer in transaction pooling
 mode in front of the shared PostgreSQL. Where the point is what a user sees, requests go through
-SessionMiddleware with FailoverStore(RedisStore, PostgresStore), as config.py builds it.
+SessionMiddleware with FailoverStore(RedisStore, PostgresStore), as detection.py builds it.
 """
 
 from __future__ import annotations

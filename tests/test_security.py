@@ -42,9 +42,9 @@ from wsgisession import (
     SessionValueError,
     SQLiteStore,
 )
-from wsgisession.config import _VARIABLES
 from wsgisession.middleware import _RateLimitedLog
 from wsgisession.session import MAX_DEPTH, Loaded
+from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import json_object
 from wsgisession.stores.failover import FailoverStore

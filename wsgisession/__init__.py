@@ -1,8 +1,9 @@
 """Server-side sessions for any WSGI application, stored in Redis, PostgreSQL or SQLite."""
 
-from .config import ConfigError, Settings, create_session_store
+from .detection import create_session_store
 from .middleware import SessionMiddleware
 from .session import Loaded, Session, SessionTooLarge, SessionValueError
+from .settings import ConfigError, Settings
 from .stores import MemoryStore, SessionStore, SQLiteStore, StoreError
 
 __version__ = "0.1.0"

@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, NoStoreError, Settings, create_session_store, mask_url, postgres_store
+from .builders import postgres_store
+from .detection import NoStoreError, create_session_store
+from .settings import ConfigError, Settings, mask_url
 from .stores.base import SessionStore, StoreError
 
 if TYPE_CHECKING:

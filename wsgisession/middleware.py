@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from werkzeug.http import http_date
 
-from .config import Settings, create_session_store
+from .detection import create_session_store
 from .session import Loaded, Session, SessionTooLarge, SessionValueError, encode
+from .settings import Settings
 from .signing import ExpressSigner, Signer, new_express_id, new_id, store_key
 from .stores.base import SessionStore, StoreError, json_object
 

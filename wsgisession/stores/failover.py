@@ -54,7 +54,7 @@ class FailoverStore(SessionStore):
     ``cache_up`` and ``durable_up`` give the state found at start-up; the probe, every
     ``probe_interval`` seconds, corrects it. A cache whose commands take longer than
     ``latency_budget`` seconds on average is treated as away. The processes of one host that
-    pass the same ``host`` name (config.py names the stores) learn at once when one of them
+    pass the same ``host`` name (detection.py names the stores) learn at once when one of them
     wrote around the cache; each of them reads the durable store for two probe intervals then.
     """
 

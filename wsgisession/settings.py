@@ -1,7 +1,7 @@
-"""Settings from the environment and keyword arguments, and the choice of store at start-up.
+"""Settings from the environment (or any mapping) and keyword arguments, validated once.
 
-Everything is validated here, once, so that a bad value stops start-up with a message
-instead of failing at the first request.
+A bad value stops start-up with a message naming the variable, instead of failing at the first
+request.
 """
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ import dataclasses
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .stores.base import CacheStore, SessionStore, StoreError
 from .stores.sql import TABLE_NAME
-
-if TYPE_CHECKING:
-    from .stores.express import ExpressDocument
-    from .stores.postgres import PostgresStore
 
 log = logging.getLogger("wsgisession")
 
@@ -35,10 +29,6 @@ SHORT_SESSION = 900  # seconds: a timeout under this, from the environment, is s
 
 class ConfigError(ValueError):
     """A setting is missing or invalid; the message says which and what to do."""
-
-
-class NoStoreError(ConfigError):
-    """No session store answers at start-up (a ConfigError: start-up stops, with one message)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,170 +188,3 @@ def mask_url(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         return "<unparsable URL>"
-
-
-# -- choosing the store ----------------------------------------------------------------
-
-REDIS_RETRIES = 3
-
-
-def create_session_store(settings: Settings, cleanup_interval: float | None = None) -> SessionStore:
-    """Build the store the settings select, detecting Redis and PostgreSQL unless SESSION_STORE forces one.
-
-    ``cleanup_interval`` overrides the setting (the CLI passes 0: no thread).
-    """
-    interval = settings.cleanup_interval if cleanup_interval is None else cleanup_interval
-    forced = settings.store
-    if forced == "memory":
-        from .stores.memory import MemoryStore
-
-        return MemoryStore()
-    if forced == "sqlite":
-        return _sqlite(settings, interval)
-    if forced == "redis":
-        return _redis(settings)
-    if forced == "postgres":
-        store = _postgres(settings, interval)
-        store.setup()
-        return store
-
-    if settings.format == "express" and settings.redis_url and settings.database_url:
-        raise ConfigError(
-            "SESSION_FORMAT=express shares sessions with a Node.js application, which reads one store: "
-            "set SESSION_STORE=redis or SESSION_STORE=postgres to match its store"
-        )
-    redis_store, redis_up, redis_failure = None, False, "REDIS_URL is not set"
-    if settings.redis_url:
-        redis_store = _redis(settings)
-        try:
-            _ping_with_retries(redis_store)
-            redis_up = True
-            log.info("Using Redis for session storage")
-        except StoreError as exc:
-            redis_failure = f"Redis at {mask_url(settings.redis_url)} did not answer: {str(exc).rstrip('. ')}"
-            if settings.database_url:
-                log.warning("Redis unavailable, falling back to PostgreSQL (%s)", redis_failure)
-        if not settings.database_url:
-            if redis_up:
-                return redis_store
-            raise NoStoreError(f"Cannot start: {redis_failure}; DATABASE_URL is not set for a fallback")
-    elif settings.database_url:
-        log.info("No REDIS_URL provided, using PostgreSQL for sessions")
-
-    if not settings.database_url:
-        return _sqlite(settings, interval)
-    postgres = _postgres(settings, interval)
-    try:
-        postgres.setup()
-        postgres_up = True
-    except StoreError as exc:
-        if not redis_up:
-            raise NoStoreError(
-                f"Cannot start: no session store is reachable. {redis_failure}; "
-                f"PostgreSQL at {mask_url(settings.database_url)} failed: {exc}"
-            ) from None
-        postgres_up = False
-        log.warning("PostgreSQL unavailable, keeping sessions in Redis until it is back (%s)", exc)
-    if redis_store is None or not redis_up:
-        log.info("Using PostgreSQL for session storage")
-    if redis_store is None:
-        return postgres
-    log.info("Keeping a durable copy of every session in PostgreSQL (SESSION_STORE=redis turns it off)")
-    from .stores.failover import FailoverStore
-
-    return FailoverStore(
-        redis_store,
-        postgres,
-        probe_interval=settings.probe_interval,
-        latency_budget=settings.latency_budget,
-        cache_up=redis_up,
-        durable_up=postgres_up,
-        host=f"{settings.redis_url}|{settings.redis_prefix}|{settings.database_url}|{settings.table}",
-    )
-
-
-def _ping_with_retries(store: SessionStore) -> None:
-    for attempt in range(REDIS_RETRIES + 1):
-        try:
-            store.ping()
-            return
-        except StoreError:
-            if attempt == REDIS_RETRIES:
-                raise
-            time.sleep(min((attempt + 1) * 200, 1000) / 1000)
-
-
-def _redis(settings: Settings) -> CacheStore:
-    if not settings.redis_url:
-        raise ConfigError("SESSION_STORE=redis needs REDIS_URL")
-    try:
-        from .stores.connect_redis import ConnectRedisStore
-        from .stores.redis import RedisStore
-    except ImportError:
-        raise ConfigError("REDIS_URL is set but redis is not installed: pip install 'wsgisession[redis]'") from None
-    try:
-        if settings.format == "express":
-            return ConnectRedisStore(settings.redis_url, document=express_document(settings),
-                                     prefix=settings.redis_prefix, timeout=settings.store_timeout)  # fmt: skip
-        return RedisStore(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.store_timeout)
-    except ValueError as exc:
-        raise ConfigError(f"REDIS_URL {mask_url(settings.redis_url)} is not a Redis URL: {exc}") from None
-
-
-def _postgres(settings: Settings, cleanup_interval: float) -> PostgresStore:
-    if not settings.database_url:
-        raise ConfigError("SESSION_STORE=postgres needs DATABASE_URL")
-    try:
-        import psycopg2.extensions
-    except ImportError:
-        raise ConfigError(
-            "DATABASE_URL is set but psycopg2 is not installed: pip install 'wsgisession[postgres]'"
-        ) from None
-    try:
-        psycopg2.extensions.parse_dsn(settings.database_url)
-    except psycopg2.ProgrammingError:  # its message quotes the URL, password and all
-        raise ConfigError(
-            f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL "
-            "(expected postgresql://user:password@host:port/database)"
-        ) from None
-    # create_table=False: the caller runs setup(), and decides what a failure means
-    return postgres_store(settings, settings.database_url, cleanup_interval=cleanup_interval, create_table=False)
-
-
-def postgres_store(settings: Settings, dsn: str, **options: Any) -> PostgresStore:
-    """The PostgreSQL store of these settings (connect-pg-simple's table in the express format);
-    it connects only if ``options`` leave ``create_table`` on."""
-    from .stores.connect_pg import ConnectPgStore
-    from .stores.postgres import PostgresStore
-
-    options = {"table": settings.table, "timeout": max(settings.store_timeout, 1.0), "prepare": settings.pg_prepare,
-               **options}  # fmt: skip
-    if settings.format == "express":
-        return ConnectPgStore(dsn, document=express_document(settings), **options)
-    return PostgresStore(dsn, **options)
-
-
-def express_document(settings: Settings) -> ExpressDocument:
-    """The document express-session would store with these cookie settings."""
-    from .stores.express import ExpressDocument
-
-    return ExpressDocument(
-        settings.max_age,
-        path=settings.cookie_path,
-        domain=settings.cookie_domain,
-        secure=True if settings.cookie_secure else None,
-        same_site=settings.cookie_samesite,
-    )
-
-
-def _sqlite(settings: Settings, cleanup_interval: float) -> SessionStore:
-    from .stores.sqlite import SQLiteStore
-
-    path = os.path.abspath(settings.sqlite_path)
-    store = SQLiteStore(path, table=settings.table, cleanup_interval=cleanup_interval)
-    log.warning(
-        "Using the embedded SQLite session store at %s: for one host only; "
-        "set REDIS_URL or DATABASE_URL to share sessions between hosts",
-        path,
-    )
-    return store
