@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 from servers import free_port, pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
@@ -690,3 +691,22 @@ def test_redis_store_refuses_a_new_connection_to_another_server(
     assert second != first
     store.expect(second)
     assert store.load(key) is None  # the restarted server is empty, and may be read now
+
+
+def test_redis_user_without_info_still_serves_a_failover(
+    make_store: Callable[..., SessionStore], private_redis: Any
+) -> None:
+    """An ACL that refuses INFO: which server answers cannot be told (server_id() is ""), and new
+    connections are not refused for it."""
+    admin = redis.Redis.from_url(private_redis.url)
+    admin.execute_command("ACL", "SETUSER", "noinfo", "on", ">noinfo-pw", "~*", "+@all", "-info")
+    admin.close()
+    url = private_redis.url.replace("redis://", "redis://noinfo:noinfo-pw@")
+    store = make_store("redis", url=url)
+    assert isinstance(store, RedisStore)
+    assert store.server_id() == ""
+    store.expect("")
+    store.client.connection_pool.disconnect()  # the next command opens a new connection
+    key = new_key()
+    store.create(key, {"n": "1"}, TTL)
+    assert store.load(key) is not None

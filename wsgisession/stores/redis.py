@@ -178,6 +178,8 @@ class RedisStore(CacheStore):
         except StoreError as exc:
             if isinstance(exc.__cause__, ServerChanged):
                 return exc.__cause__.server
+            if isinstance(exc.__cause__, redis.ResponseError) and not wrong_type(exc.__cause__):
+                return ""  # INFO refused (an ACL without it): it answers, which server cannot be told
             raise
 
     def expect(self, server: str) -> None:
@@ -192,7 +194,10 @@ class RedisStore(CacheStore):
         if expected is None:
             return
         connection.send_command("INFO", "server")  # type: ignore[no-untyped-call]
-        found = _RUN_ID.search(_text(connection.read_response()))
+        try:
+            found = _RUN_ID.search(_text(connection.read_response()))
+        except redis.ResponseError:  # INFO refused (an ACL without it): servers cannot be told apart
+            return
         server = found.group(1) if found else ""
         if server != expected:
             raise ServerChanged(server)
