@@ -158,7 +158,7 @@ class Metrics:
             "wsgisession_store_failures", "Failed commands and probes of a store", label
         )
         self.up_gauge = prometheus_client.Gauge(
-            "wsgisession_store_up", "Processes that use the store", label, multiprocess_mode="livesum"
+            "wsgisession_store_up", "Processes that read sessions from the store", label, multiprocess_mode="livesum"
         )
         self.awaiting_drop = prometheus_client.Gauge(
             "wsgisession_awaiting_drop", "Cached copies marked out of date, not yet dropped", multiprocess_mode="max"
