@@ -77,8 +77,7 @@ class FailoverStore(SessionStore):
         self.durable_health = Health(durable.name, durable_up, probe_interval)
         self._repair = CacheRepair(cache, durable)
         self._catch_up = DurableCatchUp(cache, durable)
-        self._around = HostClock(host)  # when a process of this host last wrote around the cache
-        self._clean_since = 0.0  # monotonic time of the last copy dropped, while returning
+        self._around = HostClock(host)  # when a process of this host last wrote around the cache, or dropped copies
         self._outage = not cache_up  # the cache failed since reads last used it
         self._gate = _Gate()
         self._probe = Periodic("wsgisession-probe", probe_interval, self._check)
@@ -114,9 +113,13 @@ class FailoverStore(SessionStore):
         return self.cache.name if self._reads_cache() else self.durable.name
 
     def _reads_cache(self) -> bool:
-        """Whether reads go to the cache: it is up, and no process of this host has written around
-        it, or dropped copies from it, for two probe intervals."""
-        return self.cache_health.up and self._around.since() >= CLEAN_INTERVALS * self.probe_interval
+        """Whether reads go to the cache: it is up, and quiet."""
+        return self.cache_health.up and self._quiet()
+
+    def _quiet(self) -> bool:
+        """No process of this host has written around the cache, dropped copies from it or come
+        back to it for two probe intervals: any other process that wrote around it has found it again."""
+        return self._around.since() >= CLEAN_INTERVALS * self.probe_interval
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -270,8 +273,9 @@ class FailoverStore(SessionStore):
 
     def _distrust(self) -> None:
         """Read from the durable store, still writing to the cache, until no process has written
-        around the cache for two probes (or until every copy is dropped from it)."""
-        self._clean_since = time.monotonic()
+        around the cache for two probe intervals (or until every copy is dropped from it); the
+        other processes of this host too."""
+        self._around.touch()
         if self.cache_health.returning(State.UP):
             log.info("Reading sessions from %s while copies in %s are dropped", self.durable.name, self.cache.name)
 
@@ -324,13 +328,8 @@ class FailoverStore(SessionStore):
             self._report_backlog(drained)
             if drained:  # some process wrote around the cache: its older copies may have been read
                 self._distrust()
-                self._around.touch()
-            elif health.state is State.RETURNING and self._clean_for() >= CLEAN_INTERVALS * self.probe_interval:
+            elif health.state is State.RETURNING and self._quiet():
                 self._cache_back(State.RETURNING)
-
-    def _clean_for(self) -> float:
-        """Seconds since a copy was last dropped (or since the cache returned)."""
-        return time.monotonic() - self._clean_since
 
     def _cache_returns(self) -> None:
         """Write to the cache again, once what it missed is dropped: writes wait meanwhile, so
@@ -340,7 +339,7 @@ class FailoverStore(SessionStore):
             if self._catch_up.sync() is None:
                 return  # the cache failed while the durable store was brought up to date
             self._repair.drain(self._distrust)
-            self._clean_since = time.monotonic()
+            self._around.touch()
             self.cache_health.returning(State.DOWN)
 
     def _cache_back(self, expected: State) -> None:

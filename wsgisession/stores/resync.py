@@ -5,9 +5,9 @@
   before the write is acknowledged; whichever process reaches the cache drops them from it. A
   cache that comes back as another server (restarted, failed over, restored from a snapshot) may
   have lost any write: every copy is marked at once.
-- :class:`HostClock`: when a process of this host last wrote around the cache or dropped copies
-  from it, so that its sibling processes (a user's next request lands on any of them) read the
-  durable store meanwhile, without waiting for their own probe.
+- :class:`HostClock`: when a process of this host last wrote around the cache, dropped copies
+  from it or came back to it, so that its sibling processes (a user's next request lands on any
+  of them) read the durable store meanwhile, without waiting for their own probe.
 - :class:`DurableCatchUp`: the sessions changed in the cache alone while the durable store was
   away, copied to it when it returns.
 """
@@ -149,8 +149,7 @@ class HostClock:
     cannot be had, it belongs to this process alone."""
 
     def __init__(self, name: str | None) -> None:
-        self._local = bytearray(8)
-        self._memory: mmap.mmap | bytearray = self._local
+        self._memory: mmap.mmap | bytearray = bytearray(8)
         if name is not None:
             digest = hashlib.sha256(name.encode()).hexdigest()[:24]
             path = os.path.join(tempfile.gettempdir(), f"wsgisession-{digest}.clock")
