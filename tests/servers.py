@@ -131,6 +131,14 @@ class RedisServer:
             self.process.wait()
             self.process = None
 
+    def save(self) -> None:
+        """SAVE a snapshot, which the next start() loads (``--save ""`` stops automatic ones only)."""
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            client.save()
+        finally:
+            client.close()
+
     def pause(self) -> None:
         """SIGSTOP: connections hang, as with a frozen or partitioned server."""
         assert self.process is not None

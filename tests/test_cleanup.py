@@ -341,7 +341,7 @@ def test_a_lock_held_at_the_fork_does_not_hang_the_child() -> None:
     health = store.cache_health
     health._lock.acquire()  # held at the fork, as by another thread of the parent
     try:
-        pid, handle = run_in_child(lambda: (store._cache_failed(StoreError("gone")), health.status())[1], 10)
+        pid, handle = run_in_child(lambda: (health.failed(), health.status())[1], 10)
     finally:
         health._lock.release()
     assert wait_child(pid, handle)["state"] == "down"

@@ -766,9 +766,7 @@ def test_redis_restored_from_a_snapshot_serves_no_older_copy(shared: Backends, l
     alice.counter()
     carol.login("carol")
     time.sleep(2 * PROBE)  # the probe has seen the server
-    client = redis.Redis.from_url(shared.redis.url)
-    client.save()  # the snapshot: alice at 1, carol logged in
-    client.close()
+    shared.redis.save()  # the snapshot: alice at 1, carol logged in
     alice.counter()
     alice.counter()
     stolen = carol.cookie
@@ -793,9 +791,7 @@ def test_a_restarted_redis_is_not_read_before_it_is_checked(shared: Backends) ->
     alice.login("alice")
     alice.counter()
     key = alice.key
-    client = redis.Redis.from_url(shared.redis.url)
-    client.save()  # count 1
-    client.close()
+    shared.redis.save()  # count 1
     alice.counter()
     alice.counter()
     assert unchecked.load(key).data["count"] == 3  # type: ignore[union-attr]

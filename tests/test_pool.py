@@ -201,14 +201,19 @@ def test_a_restarted_postgres_costs_one_failed_write_and_no_failed_read() -> Non
 def fill_the_pool(store: PostgresStore, connections: int) -> None:
     """Have ``connections`` statements run at once, so that as many connections wait in the pool after."""
     barrier = threading.Barrier(connections)
+    errors: list[BaseException] = []
 
     def hold_a_connection() -> None:
-        with store._cursor() as cur:
-            barrier.wait(5)
-            cur.execute("SELECT 1")
+        try:
+            with store._cursor() as cur:
+                barrier.wait(5)
+                cur.execute("SELECT 1")
+        except BaseException as exc:
+            errors.append(exc)
 
     threads = [threading.Thread(target=hold_a_connection) for _ in range(connections)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(10)
+    assert errors == [] and not any(thread.is_alive() for thread in threads), errors
