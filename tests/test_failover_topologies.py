@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 from redis_topologies import ClusterSetup, RedisProcess, SentinelSetup, command
 from servers import SECRET, drop_table, require_postgres, unique
-from test_failover import BACK_LINE, CHANGED_LINE, DOWN_LINE, Browser, Log, demo
+from test_failover import BACK_LINE, CHANGED_LINE, DOWN_LINE, PROBE, SLOW_LINE, TIMEOUT, Browser, Log, demo
 
 from wsgisession import SessionMiddleware
 from wsgisession.stores.base import StoreError
@@ -32,8 +32,6 @@ from wsgisession.stores.redis import RedisStore
 
 pytestmark = pytest.mark.slow
 
-PROBE = 0.2  # FailoverStore's probe interval, s
-TIMEOUT = 0.3  # Redis socket timeouts, s
 BUDGET = 0.1  # FailoverStore's latency budget, s
 WAIT = 20.0  # the longest any wait in these tests may take before the test fails, s
 
@@ -354,7 +352,6 @@ def test_frozen_cluster_node_falls_back_to_postgres_and_comes_back(
 
 # -- Sentinel: a slow master --------------------------------------------------------------------------
 
-SLOW_LINE = "Redis too slow"
 # Keep the server busy for ARGV[1] microseconds: every other command waits meanwhile.
 BUSY = """
 local start = redis.call('TIME')

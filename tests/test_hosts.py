@@ -42,6 +42,7 @@ from gunicorn_runner import gunicorn, pid_log_config, server_log
 from prometheus_client.parser import text_string_to_metric_families
 from proxy import Proxy
 from servers import RedisServer, drop_table, require_postgres, running, unique
+from test_failover import SLOW_LINE
 from test_outages import BACK_LINE, DOWN_LINE, LOG_LINE, PROBE, TIMEOUT, User, flush
 
 pytestmark = pytest.mark.slow
@@ -54,7 +55,6 @@ LATENCY_BUDGET = 0.1  # SESSION_LATENCY_BUDGET: Redis slower than this on averag
 STINT = (3, 5)  # rounds (a read and an increment) on one host before moving to the other
 SESSION = (10, 15)  # rounds between logging out and in again
 PER_USER_REQUESTS = 400  # a bound on each user's requests besides the time
-SLOW_LINE = "Redis too slow"
 EXIT_LINE = re.compile(r"^\[([-\d]+ [:\d]+ [+-]\d{4})\] \[\d+\] \[INFO\] Worker exiting", re.MULTILINE)
 APP = "examples.raw_wsgi:app"
 WORKERS = 2
