@@ -117,7 +117,7 @@ def test_comma_list_is_a_rotation_first_signs() -> None:
     assert s.secrets == (SECRET, OTHER)
     mw = SessionMiddleware(hello, MemoryStore(), secret=list(s.secrets))
     session_id = "A" * 43
-    assert mw.signer.unsign(mw.signer.sign(session_id, 1)) == (session_id, 1, True)
+    assert mw.core.format.signer.unsign(mw.core.format.signer.sign(session_id, 1)) == (session_id, 1, True)
 
 
 def test_secret_from_environment_reaches_the_middleware(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,9 +126,9 @@ def test_secret_from_environment_reaches_the_middleware(monkeypatch: pytest.Monk
     assert mw.settings.secrets == (SECRET, OTHER)
     res = TestApp(mw).get("/")
     value = res.headers["Set-Cookie"].split(";")[0].split("=", 1)[1]
-    assert mw.signer.unsign(value) == (value[:43], int(value.split(".")[1]), True)
+    assert mw.core.format.signer.unsign(value) == (value[:43], int(value.split(".")[1]), True)
     only_other = SessionMiddleware(hello, MemoryStore(), secret=OTHER)
-    assert only_other.signer.unsign(value) is None  # signed with the first secret of the list
+    assert only_other.core.format.signer.unsign(value) is None  # signed with the first secret of the list
 
 
 def test_repr_of_settings_and_signer_hide_secrets_and_urls() -> None:
@@ -143,7 +143,7 @@ def test_repr_of_settings_and_signer_hide_secrets_and_urls() -> None:
     for hidden in (SECRET, OTHER, "hunter2password", "pgpassword77"):
         assert hidden not in text
     mw = SessionMiddleware(hello, MemoryStore(), secret=[SECRET, OTHER])
-    shown = repr(mw.signer) + str(mw.signer) + repr(mw.settings)
+    shown = repr(mw.core.format.signer) + str(mw.core.format.signer) + repr(mw.settings)
     assert SECRET not in shown
     assert OTHER not in shown
 

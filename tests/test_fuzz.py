@@ -2,7 +2,7 @@
 
 Run as a script, this file is the fuzz target: fuzzer bytes, decoded as latin-1 (what a WSGI
 server puts in ``environ``) and as UTF-8 with surrogateescape, go through
-SessionMiddleware.cookie_values, identify and Signer.unsign, and then through a whole request.
+SessionCore.cookie_values, identify and Signer.unsign, and then through a whole request.
 Any exception, or a request that names a session its header does not carry, is a crash.
 atheris ends the process itself (sys.exit), so the tests run it in a subprocess, bounded by a
 number of runs and a time limit.
@@ -60,14 +60,14 @@ def _target() -> None:
 
     def one_input(data: bytes) -> None:
         for header in (data.decode("latin-1"), data.decode("utf-8", "surrogateescape")):
-            values = mw.cookie_values({"HTTP_COOKIE": header})
+            values = mw.core.cookie_values(header)
             for value in values:
-                result = mw.signer.unsign(value)
+                result = mw.core.format.signer.unsign(value)
                 if result is not None and value not in minted:
                     raise AssertionError(f"accepted a value that was never minted: {value!r}")
-            if mw.signer.unsign(header) is not None and header not in minted:
+            if mw.core.format.signer.unsign(header) is not None and header not in minted:
                 raise AssertionError(f"accepted a header that was never minted: {header!r}")
-            found = mw.identify(values)
+            found = mw.core.identify(values)
             if found is not None:
                 if self_test:
                     raise AssertionError("self-test: the fuzzer reached a genuine cookie")

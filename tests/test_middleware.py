@@ -28,7 +28,7 @@ from servers import SECRET, RedisServer, pg_sql
 from webtest import TestApp
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionStore, SessionValueError, StoreError
-from wsgisession.middleware import _RateLimitedLog
+from wsgisession.core import _RateLimitedLog
 from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import Changes, Record
@@ -302,7 +302,7 @@ def test_setting_a_key_stores_it_and_sets_the_cookie() -> None:
     assert store.calls == ["create"]
     cookie = set_cookie(res)
     assert cookie is not None
-    session_id, _, current = mw.signer.unsign(cookie["value"]) or ("", 0, False)
+    session_id, _, current = mw.core.format.signer.unsign(cookie["value"]) or ("", 0, False)
     assert current and len(session_id) == ID_LENGTH
     assert store.data(session_id) == {"user": "ann"}
     assert list(store._sessions) == [store_key(session_id)]  # the store never sees the id itself
@@ -791,7 +791,7 @@ def test_bad_cookie_gives_a_fresh_session_with_a_fresh_id(kind: str) -> None:
     fresh = browser.cookie
     assert fresh is not None
     assert fresh[:ID_LENGTH] not in (bad[:ID_LENGTH], real[:ID_LENGTH])  # never the client's id
-    assert browser.mw.signer.unsign(fresh) == (fresh[:ID_LENGTH], int(fresh.split(".")[1]), True)
+    assert browser.mw.core.format.signer.unsign(fresh) == (fresh[:ID_LENGTH], int(fresh.split(".")[1]), True)
     assert store.data(real[:ID_LENGTH]) == {"user": "ann", "cart": [1]}  # the real session is untouched
 
 
@@ -963,7 +963,7 @@ def test_load_failure_degrades_to_an_empty_session(warnings: Callable[[], list[s
 
 def test_failure_log_reports_the_count_of_suppressed_failures(warnings: Callable[[], list[str]]) -> None:
     browser, store = logged_in()
-    browser.mw._failures = _RateLimitedLog(interval=0.2)
+    browser.mw.core._failures = _RateLimitedLog(interval=0.2)
     store.failing = {"load"}
     for _ in range(4):
         browser.get("/read")

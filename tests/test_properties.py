@@ -1,7 +1,7 @@
 """Properties, checked with Hypothesis, of what an attacker controls (the Cookie header) and of
 what an application stores (any JSON value).
 
-- Parsing: no input makes SessionMiddleware.cookie_values/identify or Signer.unsign raise, and a
+- Parsing: no input makes SessionCore.cookie_values/identify or Signer.unsign raise, and a
   model of the header says exactly which session, if any, a request names.
 - Signing: only a value minted by Signer.sign with a key of the list is accepted; no mutation of
   a minted value is, unless it is the same value.
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from servers import SECRET
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionValueError
-from wsgisession.middleware import MAX_COOKIE_HEADER
+from wsgisession.core import MAX_COOKIE_HEADER
 from wsgisession.session import Loaded, encode
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
 from wsgisession.stores.base import Changes, decode_record, json_object
@@ -44,7 +44,7 @@ STORE = MemoryStore()
 MW = SessionMiddleware(
     _app, STORE, secret=[SECRET, OLD_SECRET], cookie_name="session", max_age=3600, absolute_timeout=86400
 )
-SIGNER = MW.signer
+SIGNER = MW.core.format.signer
 
 # Sessions that exist: each with its cookie signed by the current key and by the older one.
 IDS = [new_id() for _ in range(3)]
@@ -126,13 +126,13 @@ def named_by(pairs: list[tuple[str, str]]) -> str | None:
 
 
 def _parse(header: str) -> tuple[list[str], tuple[str, int, bool] | None]:
-    values = MW.cookie_values({"HTTP_COOKIE": header})
+    values = MW.core.cookie_values(header)
     assert isinstance(values, list) and all(isinstance(v, str) for v in values)
     for value in values:
         result = SIGNER.unsign(value)
         assert result is None or value in MINTED
     assert SIGNER.unsign(header) is None or header in MINTED
-    found = MW.identify(values)
+    found = MW.core.identify(values)
     assert found is None or (found[0] in IDS and found[1] == NOW)
     return values, found
 

@@ -42,7 +42,7 @@ from wsgisession import (
     SessionValueError,
     SQLiteStore,
 )
-from wsgisession.middleware import _RateLimitedLog
+from wsgisession.core import _RateLimitedLog
 from wsgisession.session import MAX_DEPTH, Loaded
 from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
@@ -367,7 +367,7 @@ def test_adversarial_cookie_values_name_no_session(kind: str, open_store: Callab
             if fresh is not None:
                 assert path == "/set", name
                 assert fresh[:ID_LENGTH] not in (*issued, value[:ID_LENGTH]), name  # a fresh, server-made id
-                assert mw.signer.unsign(fresh) is not None
+                assert mw.core.format.signer.unsign(fresh) is not None
                 issued.add(fresh[:ID_LENGTH])
             else:
                 assert path == "/read", name
@@ -467,7 +467,7 @@ def test_the_same_genuine_session_twice_is_fine() -> None:
     victim = logged_in(old)
     assert victim.cookie is not None
     rotated = middleware(store, secret=[SECRET, OLD_SECRET])
-    resigned = rotated.signer.sign(victim.id, created_of(victim.cookie))
+    resigned = rotated.core.format.signer.sign(victim.id, created_of(victim.cookie))
     assert resigned != victim.cookie
     for header in (
         f"session={victim.cookie}; session={victim.cookie}",
@@ -900,10 +900,10 @@ def test_a_cookie_past_its_absolute_deadline_names_no_session(
     mw = middleware(store, absolute_timeout=60)
     session_id = new_id()
     store.create(store_key(session_id), {"user": '"victim"'}, 3600)
-    old = mw.signer.sign(session_id, int(time.time()) - 61)
+    old = mw.core.format.signer.sign(session_id, int(time.time()) - 61)
     res = call(mw, "/read", old)
     assert res.data == {} and res.expired
-    assert call(mw, "/read", mw.signer.sign(session_id, int(time.time()) - 50)).data == {"user": "victim"}
+    assert call(mw, "/read", mw.core.format.signer.sign(session_id, int(time.time()) - 50)).data == {"user": "victim"}
 
 
 # -- cookie attributes -------------------------------------------------------------------------------
@@ -998,7 +998,7 @@ def test_no_secret_or_session_id_in_any_log_record(
     call(mw, "/read", b.cookie)
     private_redis.kill()  # store failures, loading and saving
     call(mw, "/read", a.cookie)
-    mw._failures = _RateLimitedLog()
+    mw.core._failures = _RateLimitedLog()
     call(mw, "/set", query="x=1")
     dead_pg = PostgresStore(
         f"postgresql://postgres:{pg_password}@127.0.0.1:{free_port()}/test",
@@ -1040,7 +1040,9 @@ def test_no_secret_in_any_repr(make_store: Callable[..., SessionStore]) -> None:
             session = Session(lambda: Loaded(session_id, {"user": "victim"}))  # noqa: B023 - used at once
             session.get("user")
             texts = []
-            for thing in (mw, mw.settings, mw.signer, session, store, vars(mw), getattr(store, "client", None)):
+            core = mw.core
+            for thing in (mw, mw.settings, core, core.format, vars(core), session, store, vars(mw),
+                          getattr(store, "client", None)):  # fmt: skip
                 texts += [repr(thing), str(thing)]
             text = "\n".join(texts)
             for secret in [*_secret_forms(SECRET), *_secret_forms(OLD_SECRET), pg_password]:

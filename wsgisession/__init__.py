@@ -1,5 +1,6 @@
 """Server-side sessions for any WSGI application, stored in Redis, PostgreSQL or SQLite."""
 
+from .core import SessionCore
 from .detection import create_session_store
 from .middleware import SessionMiddleware
 from .session import Loaded, Session, SessionTooLarge, SessionValueError
@@ -14,6 +15,7 @@ __all__ = [
     "MemoryStore",
     "SQLiteStore",
     "Session",
+    "SessionCore",
     "SessionMiddleware",
     "SessionStore",
     "SessionTooLarge",

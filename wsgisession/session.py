@@ -85,6 +85,26 @@ def _check_container(value: dict[Any, Any] | list[Any] | tuple[Any, ...], depth:
             _check_container(item, depth - 1)
 
 
+class Codec:
+    """How session values become JSON text and back. This one is plain JSON; a front door may tag
+    richer types (Flask's session takes tuples, bytes, datetimes) by overriding the three methods."""
+
+    def encode(self, key: str, value: Any) -> str:
+        """The JSON text to store for ``value``, or :class:`SessionValueError` naming ``key``."""
+        return encode(key, value)
+
+    def measure(self, value: Any) -> str:
+        """A JSON text of ``value`` as it stands, to tell whether it changed (see :func:`measure`)."""
+        return measure(value)
+
+    def load(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The values an application sees, from a stored session's decoded JSON."""
+        return data
+
+
+JSON = Codec()
+
+
 def _storable(text: str) -> str:
     """``text``, if every store can hold it: no NUL (PostgreSQL refuses it), valid UTF-8."""
     if "\\u0000" in text and _NUL.search(text):
@@ -98,13 +118,19 @@ class Session(MutableMapping[str, Any]):
     when loaded, so that the middleware writes only the keys this request changed.
     """
 
-    __slots__ = ("_before", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_new_id", "_saved")
+    __slots__ = (
+        "_before", "_codec", "_created", "_data", "_expires", "_id", "_load", "_loaded_id", "_new", "_new_id",
+        "_saved",
+    )  # fmt: skip
 
-    def __init__(self, load: Callable[[], tuple[Any, ...]], new_id: Callable[[], str] = new_id) -> None:
+    def __init__(
+        self, load: Callable[[], tuple[Any, ...]], new_id: Callable[[], str] = new_id, codec: Codec = JSON
+    ) -> None:
         """``load`` returns a :class:`Loaded` (or a tuple of its first fields), called on first use;
-        ``new_id`` makes ids."""
+        ``new_id`` makes ids; ``codec`` turns values into JSON text and back."""
         self._load = load
         self._new_id = new_id
+        self._codec = codec
         self._data: dict[str, Any] | None = None
         # JSON text at load time (None: absent) of every key this request may have changed.
         self._before: dict[str, str | None] = {}
@@ -129,13 +155,14 @@ class Session(MutableMapping[str, Any]):
             if type(loaded) is not Loaded:
                 loaded = Loaded(*loaded)
             self._loaded_id, data, self._expires, self._created = loaded
+            data = self._codec.load(data)
             self._id, self._new, self._data = self._loaded_id, self._loaded_id is None, data
         return data
 
     def __getitem__(self, key: str) -> Any:
         value = self._loaded()[key]
         if not isinstance(value, _IMMUTABLE) and key not in self._before:
-            self._before[key] = measure(value)  # the app may mutate it in place
+            self._before[key] = self._codec.measure(value)  # the app may mutate it in place
         return value
 
     def __setitem__(self, key: str, value: Any) -> None:
@@ -145,7 +172,7 @@ class Session(MutableMapping[str, Any]):
             _storable(_encoder.encode(key))
         except ValueError as exc:
             raise SessionValueError(f"session key {key!r} cannot be stored: {exc}") from None
-        encode(key, value)  # fail here, at the line that stored it
+        self._codec.encode(key, value)  # fail here, at the line that stored it
         data = self._loaded()
         self._remember(key, data)
         data[key] = value
@@ -192,6 +219,44 @@ class Session(MutableMapping[str, Any]):
         return self._new
 
     @property
+    def loaded_id(self) -> str | None:
+        """The id of the stored session this request loaded; None when it brought none."""
+        self._loaded()
+        return self._loaded_id
+
+    @property
+    def renewed(self) -> bool:
+        """True when saving needs a new record: none was loaded, or :meth:`regenerate` or
+        :meth:`invalidate` dropped the one that was."""
+        self._loaded()
+        return self._loaded_id is None or self._id != self._loaded_id
+
+    @property
+    def created(self) -> int | None:
+        """When the session was created (Unix seconds); None for a new one until it is saved."""
+        self._loaded()
+        return self._created
+
+    @created.setter
+    def created(self, created: int) -> None:
+        self._created = created
+
+    @property
+    def expires(self) -> float | None:
+        """When the stored session expires, as loaded (Unix seconds); None for a new one."""
+        self._loaded()
+        return self._expires
+
+    @property
+    def saved(self) -> bool:
+        """True once the response has started: later changes are not saved (and say so)."""
+        return self._saved
+
+    def mark_saved(self) -> None:
+        """Note that the response started; the front door calls it once, as it saves."""
+        self._saved = True
+
+    @property
     def modified(self) -> bool:
         """True when saving will write: data changed, or the id did."""
         if self._data is None:
@@ -233,22 +298,27 @@ class Session(MutableMapping[str, Any]):
                 continue
             value = data[key]
             try:
-                unchanged = measure(value) == before  # as loaded, even if another application stored it
+                unchanged = self._codec.measure(value) == before  # as loaded, even if another app stored it
             except (TypeError, ValueError):
                 unchanged = False
             if not unchanged:
-                changed[key] = encode(key, value)  # what is written must be storable
+                changed[key] = self._codec.encode(key, value)  # what is written must be storable
         return Changes(changed, tuple(deleted))
 
     def texts(self, changes: Changes) -> dict[str, str]:
         """The JSON text of every value once ``changes`` (from :meth:`changes`) are stored; what
         this request read and left as it was is not encoded again."""
-        before = self._before
+        before, measure = self._before, self._codec.measure
         return {k: changes.set.get(k) or before.get(k) or measure(v) for k, v in self._loaded().items()}
+
+    def encoded(self) -> dict[str, str]:
+        """The JSON text of every value, for a new record (:class:`SessionValueError` for one that has none)."""
+        encode = self._codec.encode
+        return {k: encode(k, v) for k, v in self._loaded().items()}
 
     def _remember(self, key: str, data: dict[str, Any]) -> None:
         if key not in self._before:
-            self._before[key] = measure(data[key]) if key in data else None
+            self._before[key] = self._codec.measure(data[key]) if key in data else None
 
     def _warn_if_saved(self) -> None:
         if self._saved:

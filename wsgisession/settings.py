@@ -44,6 +44,8 @@ class Settings:
     cookie_domain: str | None = None
     cookie_secure: bool | None = None  # None: Secure when the request came over https
     cookie_samesite: str = "Lax"
+    cookie_httponly: bool = True
+    cookie_partitioned: bool = False  # CHIPS: a cookie of its own per top-level site
     fail_on_store_error: bool = False
     format: str = "native"
     store: str | None = None
@@ -59,12 +61,14 @@ class Settings:
     pg_prepare: bool = True
 
     @classmethod
-    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Read the ``SESSION_*``, ``REDIS_URL`` and ``DATABASE_URL`` variables, then apply ``overrides``."""
+    def load(cls, environ: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
+        """Read the ``SESSION_*``, ``REDIS_URL`` and ``DATABASE_URL`` variables (from the environment, or
+        any mapping of those names: a framework's settings), then apply ``overrides``."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, (variable, parse) in _VARIABLES.items():
-            raw = env.get(variable, "").strip()
+            found = env.get(variable)
+            raw = "" if found is None else str(found).strip()
             if raw:
                 try:
                     values[name] = parse(raw)
@@ -110,6 +114,8 @@ class Settings:
             raise ConfigError("SESSION_COOKIE_SAMESITE must be Lax, Strict or None")
         if self.cookie_samesite == "None" and self.cookie_secure is not True:
             raise ConfigError("SESSION_COOKIE_SAMESITE=None needs SESSION_COOKIE_SECURE=true (browsers require it)")
+        if self.cookie_partitioned and self.cookie_secure is not True:
+            raise ConfigError("SESSION_COOKIE_PARTITIONED needs SESSION_COOKIE_SECURE=true (browsers require it)")
         if not COOKIE_NAME.fullmatch(self.cookie_name):
             raise ConfigError(f"SESSION_COOKIE_NAME {self.cookie_name!r} is not a valid cookie name")
         if not self.cookie_path.startswith("/"):
@@ -162,6 +168,8 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "cookie_domain": ("SESSION_COOKIE_DOMAIN", str),
     "cookie_secure": ("SESSION_COOKIE_SECURE", _secure),
     "cookie_samesite": ("SESSION_COOKIE_SAMESITE", str),  # capitalised in Settings.load, as the argument
+    "cookie_httponly": ("SESSION_COOKIE_HTTPONLY", _flag),
+    "cookie_partitioned": ("SESSION_COOKIE_PARTITIONED", _flag),
     "fail_on_store_error": ("SESSION_FAIL_ON_STORE_ERROR", _flag),
     "format": ("SESSION_FORMAT", str.lower),
     "store": ("SESSION_STORE", str.lower),
@@ -176,6 +184,17 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "latency_budget": ("SESSION_LATENCY_BUDGET", float),
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
 }
+
+
+def prefixed(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The variables a framework's settings give under ``prefix``, by their environment names:
+    ``wsgisession.secret`` is ``SESSION_SECRET``, ``wsgisession.redis_url`` is ``REDIS_URL``."""
+    found = {}
+    for variable, _ in _VARIABLES.values():
+        key = prefix + variable.lower().removeprefix("session_")
+        if mapping.get(key) not in (None, ""):
+            found[variable] = mapping[key]
+    return found
 
 
 def mask_url(url: str) -> str:
