@@ -1,4 +1,5 @@
-"""The three example apps (raw WSGI, Bottle, Pyramid) behave the same, driven through WebTest.
+"""The example apps behave the same, driven through WebTest: raw WSGI and Bottle under the middleware,
+Pyramid through ``request.session`` (its tests are its own, below: its forms carry a CSRF token).
 
 Each app is imported fresh per test, with its settings in the environment and its
 store the default one: the embedded SQLite file, here in tmp_path.
@@ -21,12 +22,13 @@ from types import ModuleType
 
 import pytest
 import webtest
+from pyramid.interfaces import ISessionFactory
 from servers import SECRET, drop_table, free_port, require_postgres, unique
 
 from wsgisession import SessionMiddleware, SQLiteStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-APPS = ["raw_wsgi", "bottle_app", "pyramid_app"]
+APPS = ["raw_wsgi", "bottle_app"]  # under SessionMiddleware
 MAX_AGE = 86400
 
 
@@ -300,3 +302,165 @@ def test_the_demo_says_which_store_it_chose(tmp_path: Path) -> None:
         _, errors = process.communicate(timeout=10)
         drop_table(require_postgres(), table)
     assert "No REDIS_URL provided, using PostgreSQL for sessions" in errors
+
+
+# -- the Pyramid example: request.session, with flash messages and CSRF tokens on its forms --------------
+
+
+@pytest.fixture
+def pyramid_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[webtest.TestApp]:
+    """A browser on examples/pyramid_app.py, imported fresh with the example environment."""
+    for variable in filter(is_session_setting, list(os.environ)):
+        monkeypatch.delenv(variable)
+    for variable, value in example_env(tmp_path).items():
+        if is_session_setting(variable):
+            monkeypatch.setenv(variable, value)
+    app = load_example("pyramid_app", monkeypatch).app
+    yield webtest.TestApp(app)
+    app.registry.getUtility(ISessionFactory).close()
+
+
+def form(page: webtest.TestResponse, action: str) -> webtest.Form:
+    """The page's form that posts to ``action``."""
+    [found] = [f for f in page.forms.values() if f.action == action]
+    return found
+
+
+def submit(browser: webtest.TestApp, action: str, **fields: str) -> webtest.TestResponse:
+    """Fill in and submit the home page's form for ``action``, as a browser would (CSRF token included)."""
+    filled = form(browser.get("/"), action)
+    for name, value in fields.items():
+        filled[name] = value
+    response = filled.submit()
+    assert response.status_int == 303 and response.headers["Location"].endswith("/")
+    return response
+
+
+def flashes(page: webtest.TestResponse) -> list[str]:
+    return re.findall(r'<p class="flash">(.*?)</p>', page.text)
+
+
+def test_pyramid_demo_uses_the_embedded_sqlite_file(pyramid_app: webtest.TestApp, tmp_path: Path) -> None:
+    store = pyramid_app.app.registry.getUtility(ISessionFactory).core.store
+    assert isinstance(store, SQLiteStore)
+    assert Path(store.path) == tmp_path / "sessions.sqlite3"
+
+
+def test_pyramid_demo_pages(pyramid_app: webtest.TestApp) -> None:
+    home = pyramid_app.get("/")
+    assert home.status_int == 200 and home.content_type == "text/html"
+    assert "Count: 0" in home.text and form(home, "/login")["username"].value == ""
+    token = form(home, "/login")["csrf_token"].value
+    assert form(home, "/counter")["csrf_token"].value == token and len(token) == 32
+    session_cookie(home)  # unlike the other demos: the session holds the CSRF token of the forms
+    assert home.headers["Vary"] == "Cookie"
+    again = pyramid_app.get("/")
+    assert again.headers.getall("Set-Cookie") == [] and form(again, "/login")["csrf_token"].value == token
+
+    api = webtest.TestApp(pyramid_app.app).get("/api/session")
+    assert api.json == {"user": None, "count": 0} and api.headers.getall("Set-Cookie") == []
+    missing = pyramid_app.get("/no/such/page", status=404)
+    assert missing.headers.getall("Set-Cookie") == [] and "Vary" not in missing.headers
+
+
+def test_pyramid_demo_refuses_a_post_without_the_sessions_token(pyramid_app: webtest.TestApp) -> None:
+    token = form(pyramid_app.get("/"), "/login")["csrf_token"].value
+    pyramid_app.post("/login", {"username": "mallory"}, status=400)
+    pyramid_app.post("/counter", {"csrf_token": "0" * 32}, status=400)
+    stranger = webtest.TestApp(pyramid_app.app)  # another browser, with this browser's token
+    stranger.post("/login", {"username": "mallory", "csrf_token": token}, status=400)
+    assert pyramid_app.get("/api/session").json == {"user": None, "count": 0}
+    assert stranger.get("/api/session").json == {"user": None, "count": 0}
+    empty = form(pyramid_app.get("/"), "/login")
+    empty["username"] = "  "
+    assert "username is required" in empty.submit(status=400).text
+
+
+def test_pyramid_demo_login_flashes_a_welcome_and_regenerates(pyramid_app: webtest.TestApp) -> None:
+    before = session_cookie(pyramid_app.get("/"))
+    old_token = form(pyramid_app.get("/"), "/counter")["csrf_token"].value
+    after = session_cookie(submit(pyramid_app, "/login", username="alice"))
+    assert after != before
+    assert with_cookie(pyramid_app.app, before).json == {"user": None, "count": 0}  # the old id is dead
+
+    home = pyramid_app.get("/")
+    assert flashes(home) == ["Welcome, alice!"]
+    assert "Logged in as <b>alice</b>" in home.text and 'name="username"' not in home.text
+    assert flashes(pyramid_app.get("/")) == []  # shown once
+    assert form(home, "/counter")["csrf_token"].value != old_token  # a new token at login
+    pyramid_app.post("/counter", {"csrf_token": old_token}, status=400)
+    assert pyramid_app.get("/api/session").json == {"user": "alice", "count": 0}
+
+
+def test_pyramid_demo_counter_for_anonymous_and_logged_in_users(pyramid_app: webtest.TestApp) -> None:
+    submit(pyramid_app, "/counter")
+    assert pyramid_app.get("/api/session").json == {"user": None, "count": 1}
+    submit(pyramid_app, "/login", username="alice")
+    for _ in range(3):
+        submit(pyramid_app, "/counter")
+    assert pyramid_app.get("/api/session").json == {"user": "alice", "count": 4}
+    assert "Count: 4" in pyramid_app.get("/").text
+    bob = webtest.TestApp(pyramid_app.app)
+    submit(bob, "/login", username="bob")
+    submit(bob, "/counter")
+    assert bob.get("/api/session").json == {"user": "bob", "count": 1}
+    assert pyramid_app.get("/api/session").json == {"user": "alice", "count": 4}
+
+
+def test_pyramid_demo_logout_ends_the_session(pyramid_app: webtest.TestApp) -> None:
+    old = session_cookie(submit(pyramid_app, "/login", username="alice"))
+    response = submit(pyramid_app, "/logout")
+    assert session_cookie(response) != old  # a new, anonymous session carries the notice
+    home = pyramid_app.get("/")
+    assert flashes(home) == ["You are logged out."] and 'name="username"' in home.text
+    assert pyramid_app.get("/api/session").json == {"user": None, "count": 0}
+    assert with_cookie(pyramid_app.app, old).json == {"user": None, "count": 0}  # a copy is worth nothing
+
+
+def test_pyramid_demo_escapes_what_users_type(pyramid_app: webtest.TestApp) -> None:
+    name = "Zoë <script>alert(1)</script> & co"
+    submit(pyramid_app, "/login", username=name)
+    assert pyramid_app.get("/api/session").json == {"user": name, "count": 0}
+    home = pyramid_app.get("/").text
+    assert "<script>" not in home
+    escaped = "Zoë &lt;script&gt;alert(1)&lt;/script&gt; &amp; co"
+    assert f"Logged in as <b>{escaped}</b>" in home and f"Welcome, {escaped}!" in home
+
+
+def test_pyramid_demo_runs_as_a_script_and_says_which_store_it_chose(tmp_path: Path) -> None:
+    port, table = free_port(), unique("demo")
+    env = {**example_env(tmp_path), "PORT": str(port), "DATABASE_URL": require_postgres(), "SESSION_TABLE": table}
+    process = subprocess.Popen([sys.executable, str(EXAMPLES / "pyramid_app.py")], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == f"Serving on http://127.0.0.1:{port}"
+        status, headers, page = http_request(port, "GET", "/")
+        cookie = headers["Set-Cookie"].split(";")[0]
+        token = re.search(r'name="csrf_token" value="(\w+)"', page)
+        assert status == 200 and token is not None
+        form_body = f"username=carol&csrf_token={token[1]}"
+        form_headers = {"Content-Type": "application/x-www-form-urlencoded", "Cookie": cookie}
+        status, headers, _ = http_request(port, "POST", "/login", form_body, form_headers)
+        assert status == 303
+        cookie = headers["Set-Cookie"].split(";")[0]
+        status, _, body = http_request(port, "GET", "/api/session", headers={"Cookie": cookie})
+        assert json.loads(body) == {"user": "carol", "count": 0}
+    finally:
+        process.terminate()
+        _, errors = process.communicate(timeout=10)
+        drop_table(require_postgres(), table)
+    assert "No REDIS_URL provided, using PostgreSQL for sessions" in errors
+    assert "Using PostgreSQL for session storage" in errors
+
+
+def http_request(port: int, method: str, path: str, body: str | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:  # fmt: skip
+    """One request to a server on this machine: its status, headers and body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body, headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        conn.close()
