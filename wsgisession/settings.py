@@ -21,7 +21,7 @@ log = logging.getLogger("wsgisession")
 MIN_SECRET_LENGTH = 32
 COOKIE_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an RFC 6265 token
 _KNOWN_WEAK = {"secret", "changeme", "change-me", "your-secret-key", "keyboard cat", "development", "password"}
-_GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+GENERATE_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"  # told wherever one is missing
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 STORES = ("redis", "postgres", "sqlite", "memory")
 SHORT_SESSION = 900  # seconds: a timeout under this, from the environment, is said at start-up
@@ -82,13 +82,17 @@ class Settings:
         if secret is not None:
             values["secrets"] = (secret,) if isinstance(secret, str) else tuple(secret)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        if values.get("cookie_domain"):  # a leading dot means nothing to browsers (werkzeug drops it too)
+            values["cookie_domain"] = values["cookie_domain"].lstrip(".") or None
         if "cookie_samesite" in values:
             values["cookie_samesite"] = values["cookie_samesite"].capitalize()
         if values.get("format") == "express":  # express-session's and connect-pg-simple's names
             values.setdefault("cookie_name", "connect.sid")
             values.setdefault("table", "session")
         if "secrets" not in values:
-            raise ConfigError(f"SESSION_SECRET is not set. Set it to a long random string, for example: {_GENERATE}")
+            raise ConfigError(
+                f"SESSION_SECRET is not set. Set it to a long random string, for example: {GENERATE_SECRET}"
+            )
         settings = cls(**values)
         settings.check()
         return settings
@@ -96,15 +100,17 @@ class Settings:
     def check(self) -> None:
         """Raise :class:`ConfigError` for any value that cannot work."""
         if not self.secrets:
-            raise ConfigError(f"SESSION_SECRET is empty. Set it to a long random string, for example: {_GENERATE}")
+            raise ConfigError(
+                f"SESSION_SECRET is empty. Set it to a long random string, for example: {GENERATE_SECRET}"
+            )
         for position, secret in enumerate(self.secrets, 1):
             where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(self.secrets) > 1 else "")
             if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
-                raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {_GENERATE}")
+                raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {GENERATE_SECRET}")
             if len(secret) < MIN_SECRET_LENGTH:
                 raise ConfigError(
                     f"{where} is too short ({len(secret)} characters; at least {MIN_SECRET_LENGTH} random ones "
-                    f"are needed). Generate one with: {_GENERATE}"
+                    f"are needed). Generate one with: {GENERATE_SECRET}"
                 )
         if self.max_age <= 0 or self.absolute_timeout <= 0:
             raise ConfigError("SESSION_MAX_AGE and SESSION_ABSOLUTE_TIMEOUT must be positive")
@@ -184,6 +190,9 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "latency_budget": ("SESSION_LATENCY_BUDGET", float),
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
 }
+
+
+NAMES = frozenset(variable for variable, _ in _VARIABLES.values())  # every variable read
 
 
 def prefixed(mapping: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from flask.sessions import SessionMixin, session_json_serializer
 from ..core import SessionCore, Visit
 from ..detection import create_session_store
 from ..session import Codec, Session, encode, measure
-from ..settings import ConfigError, Settings
+from ..settings import GENERATE_SECRET, NAMES, ConfigError, Settings
 from ..stores.base import SessionStore
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ FLASK_SETTINGS = (
     "PERMANENT_SESSION_LIFETIME", "SECRET_KEY", "SECRET_KEY_FALLBACKS",
 )  # fmt: skip
 _PLAIN = (str, int, float, bool, type(None))  # exact types that Flask's tags leave as they are
-_GENERATE = "python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
 class TaggedCodec(Codec):
@@ -167,7 +166,7 @@ class SessionInterface(FlaskSessionInterface):
             secret=None if variables.get("SESSION_SECRET") else _secret_key(config),
             max_age=None if our_max_age else lifetime.total_seconds(),
             cookie_name=config.get("SESSION_COOKIE_NAME") if changed("SESSION_COOKIE_NAME") else None,
-            cookie_domain=(config.get("SESSION_COOKIE_DOMAIN") or "").lstrip(".") or None,  # as werkzeug writes it
+            cookie_domain=config.get("SESSION_COOKIE_DOMAIN") or None,
             cookie_path=config.get("SESSION_COOKIE_PATH") or root,
             cookie_httponly=None if config.get("SESSION_COOKIE_HTTPONLY") else False,
             cookie_secure=True if config.get("SESSION_COOKIE_SECURE") else None,  # else Secure on https
@@ -190,11 +189,7 @@ def _flask_settings(app: Flask) -> tuple[Any, ...]:
 
 def _variables(config: Mapping[str, Any]) -> dict[str, Any]:
     """wsgisession's variables: the environment's, under ``app.config``'s (Flask's settings are read apart)."""
-    ours = {
-        name: value
-        for name, value in config.items()
-        if (name.startswith("SESSION_") or name in ("REDIS_URL", "DATABASE_URL")) and name not in FLASK_SETTINGS
-    }
+    ours = {name: value for name, value in config.items() if name in NAMES and name not in FLASK_SETTINGS}
     return {**os.environ, **ours}
 
 
@@ -204,7 +199,7 @@ def _secret_key(config: Mapping[str, Any]) -> list[str]:
     if not keys[0]:
         raise ConfigError(
             f"Neither SESSION_SECRET nor SECRET_KEY is set: the session cookies need a secret. "
-            f"Set one to a long random string, for example: {_GENERATE}"
+            f"Set one to a long random string, for example: {GENERATE_SECRET}"
         )
     secrets = [key.hex() if isinstance(key, bytes) else str(key) for key in keys]
     try:
