@@ -122,7 +122,7 @@ class RedisStore(CacheStore):
             return None
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
-        if not data:
+        if stamp is None and not data:  # no hash (an empty session still has its expiry field)
             return None
         return Record(data, expires)
 

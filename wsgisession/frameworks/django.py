@@ -1,0 +1,232 @@
+"""Django's session engine over :mod:`wsgisession.core`: ``SESSION_ENGINE = "wsgisession.frameworks.django"``.
+
+``request.session`` (and so ``django.contrib.auth``, ``messages`` and every app that uses it) is then
+a wsgisession session, saved by Django's own ``SessionMiddleware``. The session key Django puts in
+its cookie is this library's signed cookie value; the store files the session under a hash of its id.
+Unlike Django's backends, a save writes only the keys the request changed, so two concurrent
+requests of one session keep each other's changes.
+
+Settings: ``settings.WSGISESSION`` (a dict of this library's variable names, such as ``REDIS_URL``)
+over the environment; the signing secret is ``SESSION_SECRET`` there, else Django's ``SECRET_KEY``
+with ``SECRET_KEY_FALLBACKS``. The idle timeout is Django's (``SESSION_COOKIE_AGE``, ``set_expiry()``),
+capped by ``SESSION_ABSOLUTE_TIMEOUT``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import ChainMap
+from typing import Any
+
+from django.conf import settings as django_settings  # type: ignore[import-untyped]
+from django.contrib.sessions.backends.base import SessionBase, UpdateError  # type: ignore[import-untyped]
+
+from ..core import Identity, SessionCore
+from ..detection import create_session_store
+from ..session import SessionValueError
+from ..settings import ConfigError, Settings
+from ..stores.base import Changes, StoreError
+
+_core: SessionCore | None = None
+_core_lock = threading.Lock()
+
+
+def get_core() -> SessionCore:
+    """The process's :class:`SessionCore`, built on first use from Django's settings (the store
+    chosen by :func:`~wsgisession.create_session_store`)."""
+    global _core
+    core = _core
+    if core is None:
+        with _core_lock:
+            if _core is None:
+                settings = load_settings()
+                _core = SessionCore(settings, create_session_store(settings))
+            core = _core
+    return core
+
+
+def set_core(core: SessionCore | None) -> None:
+    """Serve every session from ``core`` from now on (a store built by hand, or a test's); None builds
+    one again from the settings on next use. The core replaced is not closed."""
+    global _core
+    with _core_lock:
+        _core = core
+
+
+def load_settings() -> Settings:
+    """This library's settings from ``settings.WSGISESSION`` over the environment; without a
+    SESSION_SECRET there, Django's SECRET_KEY signs (SECRET_KEY_FALLBACKS still verify)."""
+    given = ChainMap(dict(getattr(django_settings, "WSGISESSION", {})), os.environ)
+    if given.get("SESSION_SECRET"):
+        return Settings.load(given)
+    try:
+        return Settings.load(given, secret=[django_settings.SECRET_KEY, *django_settings.SECRET_KEY_FALLBACKS])
+    except ConfigError as exc:
+        if "SESSION_SECRET" not in str(exc):
+            raise
+        raise ConfigError(
+            "No SESSION_SECRET is set, so Django's SECRET_KEY (then SECRET_KEY_FALLBACKS) signs the session "
+            f"cookies, under the same rules: {exc}"
+        ) from None
+
+
+class SessionStore(SessionBase):  # type: ignore[misc]
+    """A Django session kept in this library's store.
+
+    Its ``session_key`` is the signed cookie value: a key is valid only if one of the secrets signed it
+    (and the session is within its absolute lifetime), so a client's own choice is never adopted.
+    Values must be JSON (as with Django's default JSONSerializer; dict keys must be str).
+    A store failure is logged; the session then reads as empty and nothing more is written.
+    """
+
+    def __init__(self, session_key: str | None = None) -> None:
+        self._core = get_core()
+        self._identity: Identity | None = None  # the session the key names (set as the key is)
+        self._before: dict[str, str] | None = None  # each stored value's JSON text (None: not read)
+        self._failed = False
+        super().__init__(session_key)
+
+    def _validate_session_key(self, key: str | None) -> bool:
+        """Whether ``key`` is a genuine signed value of a live session (remembering which one)."""
+        self._identity = self._core.identify([key]) if key else None
+        return self._identity is not None
+
+    def _get_new_session_key(self) -> str:
+        """A fresh signed key. A session given a new one (``cycle_key()`` at login) keeps its creation
+        time, so its absolute lifetime, as the core's ``regenerate()`` does."""
+        current = self._identity
+        created = current.created if current is not None and current.created is not None else int(time.time())
+        return self._core.sign(self._core.format.new_id(), created)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._encode(key, value)  # fail here, at the line that stored it, rather than at the save
+        super().__setitem__(key, value)
+
+    # -- the SessionBase contract ----------------------------------------------------
+
+    def exists(self, session_key: str | None) -> bool:
+        """Whether ``session_key`` names a live stored session."""
+        identity = self._core.identify([session_key]) if session_key else None
+        return identity is not None and self._core.store.load(identity.key) is not None
+
+    def load(self) -> dict[str, Any]:
+        """The stored session; empty for one gone (a save then starts a new key) or a store failure."""
+        identity = self._identity
+        if identity is None:
+            return {}
+        try:
+            record = self._core.store.load(identity.key)
+        except StoreError as exc:
+            self._fail("loading", exc)
+            return {}
+        if record is None:
+            self._session_key = None
+            return {}
+        self._before = {key: self._core.codec.measure(value) for key, value in record.data.items()}
+        if not identity.current:  # signed with an older secret: the cookie gets the current signature
+            self._session_key = self._core.sign(identity.id, identity.created)
+            self.modified = True
+        return self._core.codec.load(record.data)
+
+    def create(self) -> None:
+        """Start a session under a fresh key, stored at once (with the data it holds)."""
+        self._session_key = self._get_new_session_key()
+        self.save(must_create=True)
+        self.modified = True
+
+    def save(self, must_create: bool = False) -> None:
+        """Store the whole session (``must_create``), else only the keys changed since it was read.
+
+        A session deleted meanwhile (a logout elsewhere) raises UpdateError rather than come back;
+        Django's middleware answers SessionInterrupted. A store failure is logged and writes nothing.
+        """
+        if self.session_key is None:
+            self.create()
+            return
+        data = self._get_session(no_load=must_create)
+        if self._failed:  # read as empty: saved, it would erase what is stored
+            return
+        try:
+            if must_create:
+                self._create_record(data)
+            else:
+                self._update_record(data)
+        except StoreError as exc:
+            self._fail("saving", exc)
+
+    def delete(self, session_key: str | None = None) -> None:
+        """Remove this session, or the one ``session_key`` names."""
+        identity = self._identity if session_key is None else self._core.identify([session_key])
+        if identity is None or self._failed:
+            return
+        try:
+            self._core.store.delete(identity.key)
+        except StoreError as exc:
+            self._fail("deleting", exc)
+
+    @classmethod
+    def clear_expired(cls) -> None:
+        """Delete expired sessions (``manage.py clearsessions``); Redis expires its own."""
+        get_core().store.cleanup()
+
+    # -- what a save writes --------------------------------------------------------------
+
+    def _create_record(self, data: dict[str, Any]) -> None:
+        assert self._identity is not None
+        encoded = {key: self._encode(key, value) for key, value in data.items()}
+        self._core.check_size(encoded)
+        ttl = self._ttl()
+        if ttl > 0:  # else it was born expired (a set_expiry() in the past)
+            self._core.store.create(self._identity.key, encoded, ttl)
+        self._before = encoded
+
+    def _update_record(self, data: dict[str, Any]) -> None:
+        assert self._identity is not None
+        store, key = self._core.store, self._identity.key
+        if self._before is None:  # replaced unread (clear()): the keys stored are the ones to delete
+            record = store.load(key)
+            if record is None:
+                raise UpdateError
+            self._before = {k: self._core.codec.measure(v) for k, v in record.data.items()}
+        changes, texts = self._changes(data, self._before)
+        ttl = self._ttl()
+        if ttl <= 0:  # a set_expiry() in the past: it ends now
+            store.delete(key)
+            return
+        if changes.set or changes.deleted:
+            self._core.check_size(texts)
+            found = store.update(key, changes, ttl)
+        else:
+            found = store.touch(key, ttl)
+        if not found:
+            raise UpdateError
+        self._before = texts
+
+    def _changes(self, data: dict[str, Any], before: dict[str, str]) -> tuple[Changes, dict[str, str]]:
+        """The keys set (as JSON text) and deleted since the session was read, and every value's text."""
+        texts, changed = {}, {}
+        for key, value in data.items():
+            try:
+                text: str | None = self._core.codec.measure(value)
+            except (TypeError, ValueError):
+                text = None
+            if text is None or before.get(key) != text:
+                text = changed[key] = self._encode(key, value)
+            texts[key] = text
+        return Changes(changed, tuple(key for key in before if key not in data)), texts
+
+    def _encode(self, key: Any, value: Any) -> str:
+        if not isinstance(key, str):
+            raise SessionValueError(f"session keys must be str, not {type(key).__name__}")
+        return self._core.codec.encode(key, value)
+
+    def _ttl(self) -> float:
+        """How long the session lives from now: Django's expiry age, capped by the absolute timeout."""
+        assert self._identity is not None
+        return self._core.ttl(self._identity.created, max_age=self.get_expiry_age())
+
+    def _fail(self, action: str, exc: StoreError) -> None:
+        self._failed = True
+        self._core.report_failure(action, exc)
