@@ -2,7 +2,8 @@
 distribution), against our engine, once per store.
 
 Nothing of theirs is copied here: the mixin is imported from the sdist (see django_settings.py). The
-few tests that check Django's own key format are strict xfails: one that starts passing fails the run, so that it is noticed.
+tests that check Django's own key format are strict xfails: one that starts passing fails the run,
+so that it is noticed.
 """
 
 from __future__ import annotations
