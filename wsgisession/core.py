@@ -265,6 +265,16 @@ class Visit:
         self._core.report_failure(action, exc)
 
 
+def vary_with_cookie(vary: str | None) -> str | None:
+    """The Vary header a response that used the session needs, given the one it has (None: has none);
+    None when it already varies on Cookie (or on everything)."""
+    if vary is None:
+        return "Cookie"
+    if "cookie" in vary.lower() or vary.strip() == "*":
+        return None
+    return f"{vary}, Cookie"
+
+
 def _cookie_attributes(settings: Settings, secure: bool) -> str:
     """What follows the value and the expiry in every Set-Cookie of these settings."""
     domain = f"; Domain={settings.cookie_domain}" if settings.cookie_domain else ""

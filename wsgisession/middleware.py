@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .core import SessionCore, Visit
+from .core import SessionCore, Visit, vary_with_cookie
 from .detection import create_session_store
 from .settings import Settings
 from .stores.base import SessionStore
@@ -132,7 +132,8 @@ def add_vary_cookie(headers: Headers) -> None:
     """Add ``Cookie`` to the response's Vary header (a response that used the session differs per cookie)."""
     for index, (name, value) in enumerate(headers):
         if name.lower() == "vary":
-            if "cookie" not in value.lower() and value.strip() != "*":
-                headers[index] = (name, f"{value}, Cookie")
+            vary = vary_with_cookie(value)
+            if vary is not None:
+                headers[index] = (name, vary)
             return
     headers.append(("Vary", "Cookie"))

@@ -20,7 +20,7 @@ from flask.json.tag import TaggedJSONSerializer
 from flask.sessions import SessionInterface as FlaskSessionInterface
 from flask.sessions import SessionMixin, session_json_serializer
 
-from ..core import SessionCore, Visit
+from ..core import SessionCore, Visit, vary_with_cookie
 from ..detection import create_session_store
 from ..session import Codec, Session, encode, measure
 from ..settings import GENERATE_SECRET, NAMES, ConfigError, Settings
@@ -142,8 +142,9 @@ class SessionInterface(FlaskSessionInterface):
             persistent=loaded and session.permanent,
             refresh=bool(app.config["SESSION_REFRESH_EACH_REQUEST"]),
         )
-        if loaded:
-            response.vary.add("Cookie")
+        vary = vary_with_cookie(response.headers.get("Vary")) if loaded else None
+        if vary is not None:  # not response.vary.add(): it parses the header into a set and back
+            response.headers["Vary"] = vary
         for cookie in cookies:
             response.headers.add("Set-Cookie", cookie)
 

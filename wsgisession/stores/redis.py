@@ -54,7 +54,13 @@ for i = 3, 2 + n, 1000 do redis.call('hdel', KEYS[1], unpack(ARGV, i, math.min(i
 for i = 3 + n, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
 return 1
 """
-_UPDATE_SHA = hashlib.sha1(_UPDATE.encode(), usedforsecurity=False).hexdigest()
+_CREATE = """
+redis.call('del', KEYS[1])
+for i = 2, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+redis.call('pexpire', KEYS[1], ARGV[1])
+return 1
+"""
+_DIGESTS = {script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest() for script in (_UPDATE, _CREATE)}
 
 
 class RedisStore(CacheStore):
@@ -127,34 +133,30 @@ class RedisStore(CacheStore):
         return Record(data, expires)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        def create() -> Any:
-            pipe = self.client.pipeline(transaction=True)  # one key, so one slot: MULTI works on a cluster
-            pipe.delete(self.prefix + key)
-            fields: dict[Any, Any] = {**data, EXPIRES: repr(now() + ttl)}
-            pipe.hset(self.prefix + key, mapping=fields)
-            pipe.pexpire(self.prefix + key, milliseconds(ttl))
-            return pipe.execute()
-
-        self._run(create)
+        args: list[Any] = [milliseconds(ttl)]
+        for field, value in data.items():
+            args += (field, value)
+        args += (EXPIRES, repr(now() + ttl))
+        self._run(self._script, _CREATE, self.prefix + key, *args)  # one round trip, where MULTI takes two
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
         args += (EXPIRES, repr(now() + ttl))
-        return bool(self._run(self._update_script, self.prefix + key, *args))
+        return bool(self._run(self._script, _UPDATE, self.prefix + key, *args))
 
     def touch(self, key: str, ttl: float) -> bool:
         return self.update(key, Changes({}), ttl)
 
-    def _update_script(self, name: str, *args: Any) -> Any:
-        """Run the update script by its digest; a server that lacks it (new, restarted or flushed)
-        is sent the script itself, which it then keeps."""
+    def _script(self, script: str, name: str, *args: Any) -> Any:
+        """Run ``script`` on the session ``name`` by its digest; a server that lacks it (new, restarted
+        or flushed) is sent the script itself, which it then keeps."""
         client = self.client
         try:
-            return client.execute_command("EVALSHA", _UPDATE_SHA, 1, name, *args)  # type: ignore[no-untyped-call]
+            return client.execute_command("EVALSHA", _DIGESTS[script], 1, name, *args)  # type: ignore[no-untyped-call]
         except redis.exceptions.NoScriptError:
-            return client.execute_command("EVAL", _UPDATE, 1, name, *args)  # type: ignore[no-untyped-call]
+            return client.execute_command("EVAL", script, 1, name, *args)  # type: ignore[no-untyped-call]
 
     def delete(self, key: str) -> None:
         self._run(self.client.delete, self.prefix + key)
