@@ -18,9 +18,10 @@ from typing import NamedTuple
 from werkzeug.http import http_date
 
 from .formats import CookieFormat, cookie_format
-from .session import JSON, Codec, Loaded, Session, SessionTooLarge, SessionValueError
+from .session import JSON, Codec, Loaded, Session, SessionTooLarge, SessionValueError, encode
 from .settings import Settings
-from .stores.base import SessionStore, StoreError, json_object
+from .stores.base import USER_KEY, Changes, SessionStore, StoreError, json_object
+from .users import UserSessions
 
 log = logging.getLogger("wsgisession")
 
@@ -55,10 +56,13 @@ class SessionCore:
         self._verified: dict[str, Identity] = {}
         self._failures = _RateLimitedLog()
         self._tossing = _RateLimitedLog()
+        self.users = UserSessions(self)  # a user's sessions: listed, ended, limited
 
-    def open(self, cookie_header: str | None) -> Visit:
-        """A request's visit, from its Cookie header; nothing is read until the session is used."""
-        return Visit(self, cookie_header)
+    def open(self, cookie_header: str | None, agent: str | None = None, ip: str | None = None) -> Visit:
+        """A request's visit, from its Cookie header (and its user agent and IP, kept at a login when
+        SESSION_CLIENT_DETAILS is on); nothing is read until the session is used."""
+        client = {"agent": agent or "", "ip": ip or ""} if self.settings.client_details else {}
+        return Visit(self, cookie_header, client)
 
     def session(self, visit: Visit) -> Session:
         """A lazy :class:`Session` for ``visit`` (a front door may build a subclass the same way)."""
@@ -154,8 +158,11 @@ class SessionCore:
 
     def _write(self, visit: Visit, session: Session, secure: bool, persistent: bool, refresh: bool) -> list[str]:
         store, cookie = self.store, visit.cookie
+        binding = session.binding
         if session.renewed or cookie is None:  # a new record is needed
             encoded = session.encoded()
+            if binding is not None:  # a login: when, and (if kept) from where
+                encoded[USER_KEY] = encode(USER_KEY, {**binding, "seen": int(time.time()), **visit.client})
             self.check_size(encoded)  # before anything is deleted
             if cookie is not None:
                 store.delete(cookie.key)
@@ -165,6 +172,8 @@ class SessionCore:
             started = session.created or int(time.time())  # regenerate() keeps the lifetime
             store.create(self.format.store_key(session_id), encoded, self.ttl(started))
             session.created = started
+            if binding is not None and self.settings.max_per_user:
+                self.users.limit(binding["id"])
             return [self.cookie(session_id, started, secure, persistent=persistent)]
         created, key = session.created, cookie.key
         if len(session) == 0:
@@ -172,10 +181,14 @@ class SessionCore:
             return [self.expired_cookie(secure)]
         changes, ttl = session.changes(), self.ttl(created)
         resign = not cookie.current  # signed with an older secret
+        due = resign or (refresh and ttl - ((session.expires or 0) - time.time()) >= self.refresh_after)
+        if due and binding is not None:  # a bound session's refresh says when it was last seen
+            seen = encode(USER_KEY, {**binding, "seen": int(time.time())})
+            changes = Changes({**changes.set, USER_KEY: seen}, changes.deleted)
         if changes.set or changes.deleted:
             self.check_size(session.texts(changes))
             extended = store.update(key, changes, ttl)
-        elif resign or (refresh and ttl - ((session.expires or 0) - time.time()) >= self.refresh_after):
+        elif due:
             extended = store.touch(key, ttl)
         else:
             return []  # an unchanged read: nothing to write, no cookie
@@ -232,11 +245,12 @@ class Visit:
     """One request's use of a session: the cookie it came with, the lazy load, and whether
     the store failed (then the session is neither saved nor its cookie changed)."""
 
-    __slots__ = ("_core", "_header", "cookie", "failed", "had_cookie")
+    __slots__ = ("_core", "_header", "client", "cookie", "failed", "had_cookie")
 
-    def __init__(self, core: SessionCore, cookie_header: str | None) -> None:
+    def __init__(self, core: SessionCore, cookie_header: str | None, client: dict[str, str]) -> None:
         self._core = core
         self._header = cookie_header
+        self.client = client  # the user agent and IP, when they are kept
         self.cookie: Identity | None = None  # the genuine session cookie it carried, once loaded
         self.had_cookie = False  # it carried a session cookie, genuine or not
         self.failed = False

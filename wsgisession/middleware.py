@@ -64,6 +64,7 @@ class SessionMiddleware:
         )
         self.store = store if store is not None else create_session_store(self.settings)
         self.core = SessionCore(self.settings, self.store)
+        self.users = self.core.users  # a user's sessions: listed, ended, limited
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = _Request(self.core, environ, start_response)
@@ -86,7 +87,8 @@ class _Request:
     def __init__(self, core: SessionCore, environ: WSGIEnvironment, start_response: StartResponse):
         self.core = core
         self.environ = environ
-        self.visit: Visit = core.open(environ.get("HTTP_COOKIE"))
+        self.visit: Visit = core.open(environ.get("HTTP_COOKIE"), environ.get("HTTP_USER_AGENT"),
+                                      environ.get("REMOTE_ADDR"))  # fmt: skip
         self.session = core.session(self.visit)
         self.replaced = False  # a 503 went out instead of the application's response
         self._start_response = start_response

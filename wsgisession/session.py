@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
 from .signing import new_id
-from .stores.base import Changes
+from .stores.base import USER_KEY, Changes, bound_user
 
 log = logging.getLogger("wsgisession")
 
@@ -270,6 +271,23 @@ class Session(MutableMapping[str, Any]):
     def accessed(self) -> bool:
         """True once the request has used the session (so it was loaded)."""
         return self._data is not None
+
+    @property
+    def user_id(self) -> str | None:
+        """The user :meth:`login` bound this session to, or None."""
+        return bound_user(self._loaded())
+
+    @property
+    def binding(self) -> dict[str, Any] | None:
+        """A copy of the session's binding to its user (``id``, ``login`` and ``seen`` times...), or None."""
+        binding = self._loaded().get(USER_KEY)
+        return dict(binding) if isinstance(binding, dict) else None
+
+    def login(self, user_id: str | int) -> None:
+        """Log ``user_id`` in: a fresh id, as :meth:`regenerate` gives, bound to the user, who can then
+        see this session in their list and end it (see :class:`wsgisession.users.UserSessions`)."""
+        self.regenerate()
+        self[USER_KEY] = {"id": str(user_id), "login": int(time.time())}
 
     def regenerate(self) -> None:
         """Give the session a fresh id, keeping its data; the old id stops working. Call it at login."""

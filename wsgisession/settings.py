@@ -59,6 +59,8 @@ class Settings:
     probe_interval: float = 1.0
     latency_budget: float = 0.1
     pg_prepare: bool = True
+    max_per_user: int = 0  # 0: no limit
+    client_details: bool = False  # keep each logged-in session's user agent and IP, for the user's list
 
     @classmethod
     def load(cls, environ: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
@@ -114,6 +116,8 @@ class Settings:
                 )
         if self.max_age <= 0 or self.absolute_timeout <= 0:
             raise ConfigError("SESSION_MAX_AGE and SESSION_ABSOLUTE_TIMEOUT must be positive")
+        if self.max_per_user < 0:
+            raise ConfigError("SESSION_MAX_PER_USER must be 0 (no limit) or more")
         if self.max_size < 1024:
             raise ConfigError("SESSION_MAX_SIZE must be at least 1024 bytes")
         if self.cookie_samesite not in ("Lax", "Strict", "None"):
@@ -189,6 +193,8 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "probe_interval": ("SESSION_PROBE_INTERVAL", float),
     "latency_budget": ("SESSION_LATENCY_BUDGET", float),
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
+    "max_per_user": ("SESSION_MAX_PER_USER", int),
+    "client_details": ("SESSION_CLIENT_DETAILS", _flag),
 }
 
 

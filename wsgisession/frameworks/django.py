@@ -21,13 +21,15 @@ from collections import ChainMap
 from typing import Any
 
 from django.conf import settings as django_settings  # type: ignore[import-untyped]
+from django.contrib.auth.signals import user_logged_in  # type: ignore[import-untyped]
 from django.contrib.sessions.backends.base import SessionBase, UpdateError  # type: ignore[import-untyped]
 
 from ..core import Identity, SessionCore
 from ..detection import create_session_store
 from ..session import SessionValueError
 from ..settings import ConfigError, Settings
-from ..stores.base import Changes, StoreError
+from ..stores.base import USER_KEY, Changes, StoreError
+from ..users import UserSessions
 
 _core: SessionCore | None = None
 _core_lock = threading.Lock()
@@ -53,6 +55,23 @@ def set_core(core: SessionCore | None) -> None:
     global _core
     with _core_lock:
         _core = core
+
+
+def users() -> UserSessions:
+    """A user's sessions (listed, ended, limited), on the process's core."""
+    return get_core().users
+
+
+def end_other_sessions(request: Any) -> int:
+    """End every session of ``request.user`` but this request's: call it when the password changes
+    (as Django's ``update_session_auth_hash``, which keeps this one). Returns how many ended."""
+    return users().end_all(request.user.pk, keep=request.session)
+
+
+def bind_login(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    """``user_logged_in``: bind the session (its key just cycled by ``login()``) to the user."""
+    if isinstance(request.session, SessionStore):
+        request.session.bind(user.pk, request.META.get("HTTP_USER_AGENT"), request.META.get("REMOTE_ADDR"))
 
 
 def load_settings() -> Settings:
@@ -87,6 +106,20 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         self._before: dict[str, str] | None = None  # each stored value's JSON text (None: not read)
         self._failed = False
         super().__init__(session_key)
+
+    @property
+    def store_key(self) -> str | None:
+        """What the store files this session under (None for a session not stored yet)."""
+        return self._identity.key if self._identity is not None else None
+
+    def bind(self, user_id: Any, agent: str | None = None, ip: str | None = None) -> None:
+        """Bind the session to ``user_id`` (at login), so that the user can list and end it."""
+        now = int(time.time())
+        client = {"agent": agent or "", "ip": ip or ""} if self._core.settings.client_details else {}
+        self[USER_KEY] = {"id": str(user_id), "login": now, "seen": now, **client}
+        if self._core.settings.max_per_user:
+            self.save()  # stored now, so that the limit counts it
+            self._core.users.limit(str(user_id))
 
     def _validate_session_key(self, key: str | None) -> bool:
         """Whether ``key`` is a genuine signed value of a live session (remembering which one)."""
@@ -148,6 +181,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         data = self._get_session(no_load=must_create)
         if self._failed:  # read as empty: saved, it would erase what is stored
             return
+        binding = data.get(USER_KEY)
+        if isinstance(binding, dict) and time.time() - binding.get("seen", 0) >= self._core.refresh_after:
+            data[USER_KEY] = {**binding, "seen": int(time.time())}  # a bound session's save says when it was seen
         try:
             if must_create:
                 self._create_record(data)
@@ -230,3 +266,6 @@ class SessionStore(SessionBase):  # type: ignore[misc]
     def _fail(self, action: str, exc: StoreError) -> None:
         self._failed = True
         self._core.report_failure(action, exc)
+
+
+user_logged_in.connect(bind_login, dispatch_uid="wsgisession.bind_login")

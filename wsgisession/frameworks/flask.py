@@ -25,6 +25,7 @@ from ..detection import create_session_store
 from ..session import Codec, Session, encode, measure
 from ..settings import GENERATE_SECRET, NAMES, ConfigError, Settings
 from ..stores.base import SessionStore
+from ..users import UserSessions
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -117,6 +118,11 @@ class SessionInterface(FlaskSessionInterface):
         """The core of the settings read last."""
         return self._current[1]
 
+    @property
+    def users(self) -> UserSessions:
+        """A user's sessions: listed, ended, limited."""
+        return self._current[1].users
+
     def core_for(self, app: Flask) -> SessionCore:
         """The core for the app's settings now: Flask reads its own on every request, so a change
         (in a test, say) builds a new core over the same store."""
@@ -129,7 +135,9 @@ class SessionInterface(FlaskSessionInterface):
 
     def open_session(self, app: Flask, request: Request) -> FlaskSession:
         core = self.core_for(app)
-        return self.session_class(core, core.open(request.environ.get("HTTP_COOKIE")), request.is_secure)
+        environ = request.environ
+        visit = core.open(environ.get("HTTP_COOKIE"), environ.get("HTTP_USER_AGENT"), request.remote_addr)
+        return self.session_class(core, visit, request.is_secure)
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         if not isinstance(session, FlaskSession):

@@ -87,11 +87,12 @@ class SessionFactory:
 
     def __init__(self, core: SessionCore) -> None:
         self.core = core
+        self.users = core.users  # a user's sessions: listed, ended, limited
 
     def __call__(self, request: Any) -> PyramidSession:
         """``request.session``: nothing is loaded until it is used; it is saved as the response goes out."""
         core = self.core
-        visit = core.open(request.environ.get("HTTP_COOKIE"))
+        visit = core.open(request.environ.get("HTTP_COOKIE"), request.user_agent, request.client_addr)
         session = PyramidSession(visit.load, core.format.new_id, core.codec)
         request.add_response_callback(functools.partial(self._save, visit, session))
         return session

@@ -40,6 +40,31 @@ class Changes(NamedTuple):
     deleted: tuple[str, ...] = ()
 
 
+#: The session key that binds a session to a user: a JSON object whose "id" (a str) names the user,
+#: with "login" and "seen" (Unix seconds) and, when asked for, "agent" and "ip". Stores index it.
+USER_KEY = "wsgisession.user"
+
+
+class UserRecord(NamedTuple):
+    """One live session of a user, as a store lists it: its key, its binding (USER_KEY's value), its expiry."""
+
+    key: str
+    binding: dict[str, Any]
+    expires: float
+
+
+def beyond_limit(records: Sequence[UserRecord], limit: int) -> list[str]:
+    """The keys of the least recently used sessions (the soonest to expire) beyond the ``limit`` most recent."""
+    return [record.key for record in sorted(records, key=lambda record: -record.expires)[limit:]]
+
+
+def bound_user(data: Mapping[str, Any]) -> str | None:
+    """The user a decoded session is bound to, or None."""
+    binding = data.get(USER_KEY)
+    user = binding.get("id") if isinstance(binding, dict) else None
+    return user if isinstance(user, str) else None
+
+
 class SessionStore(ABC):
     """Where sessions live. Every method is safe to call from many threads.
 
@@ -80,6 +105,20 @@ class SessionStore(ABC):
     def ping(self) -> None:
         """Raise :class:`StoreError` unless the backend answers."""
 
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        """The live sessions bound to ``user`` (see :data:`USER_KEY`), in one query where the backend allows."""
+        raise NotImplementedError(f"the {self.name} store cannot list a user's sessions")
+
+    def trim_user(self, user: str, limit: int) -> list[str]:
+        """End ``user``'s least recently used sessions (the soonest to expire) beyond the ``limit``
+        most recent; return the keys ended."""
+        raise NotImplementedError(f"the {self.name} store cannot limit a user's sessions")
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove these sessions (in as few round trips as the backend allows)."""
+        for key in keys:
+            self.delete(key)
+
     def setup(self) -> None:  # noqa: B027 - most stores have nothing to prepare
         """Prepare the backend (create its table); safe to call again, from any process."""
 
@@ -115,11 +154,6 @@ class CacheStore(SessionStore):
     @abstractmethod
     def clear(self) -> None:
         """Delete every session this store holds."""
-
-    def delete_many(self, keys: Sequence[str]) -> None:
-        """Remove these sessions (in as few round trips as the backend allows)."""
-        for key in keys:
-            self.delete(key)
 
 
 class DurableStore(SessionStore):

@@ -22,7 +22,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -33,7 +33,9 @@ from .base import (
     Record,
     SessionStore,
     StoreError,
+    UserRecord,
     after_fork,
+    beyond_limit,
     encode_values,
     log,
     now,
@@ -174,8 +176,28 @@ class FailoverStore(SessionStore):
     def delete(self, key: str) -> None:
         self._write(key, lambda s: s.delete(key), written=False)
 
-    def _write(self, key: str, operation: Callable[[SessionStore], Any], written: bool) -> Any:
-        """Apply ``operation`` to both stores, and note what either of them missed."""
+    def delete_many(self, keys: Sequence[str]) -> None:
+        if keys:
+            self._write(tuple(keys), lambda s: s.delete_many(keys), written=False)
+
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        """From the durable store, the authority (from the cache only while it is away)."""
+        self._first_use()
+        if self.durable_health.up:
+            try:
+                return self.durable.user_sessions(user)
+            except StoreError as exc:
+                self._durable_failed(exc)
+        return self.cache.user_sessions(user)
+
+    def trim_user(self, user: str, limit: int) -> list[str]:
+        """Chosen by the durable store (the cache's only while it is away); ended in both."""
+        ended = beyond_limit(self.user_sessions(user), limit)
+        self.delete_many(ended)
+        return ended
+
+    def _write(self, key: str | tuple[str, ...], operation: Callable[[SessionStore], Any], written: bool) -> Any:
+        """Apply ``operation`` to both stores, and note what either of them missed (for each of ``key``)."""
         self._first_use()
         with self._gate.write():
             durable_ok = cache_ok = False
@@ -198,15 +220,19 @@ class FailoverStore(SessionStore):
                     self._cache_took(time.perf_counter() - started)
             if not (durable_ok or cache_ok):
                 raise StoreError(f"{self.cache.name} and {self.durable.name} are both unavailable")
+            keys = key if isinstance(key, tuple) else (key,)
             if not durable_ok:
-                self._catch_up.note(key, written)
+                for each in keys:
+                    self._catch_up.note(each, written)
                 return cache_result
-            self._catch_up.forget(key)  # the durable store has it now
+            for each in keys:
+                self._catch_up.forget(each)  # the durable store has it now
             if not cache_ok:
-                self._repair.mark(key)  # before the write is acknowledged: the cache's copy is out of date
+                for each in keys:
+                    self._repair.mark(each)  # before the write is acknowledged: the cache's copy is out of date
                 self._around.touch()
             elif result is False and cache_result is True:
-                self._on_cache(lambda c: c.delete(key))  # the durable store says it is gone (a logout)
+                self._on_cache(lambda c: c.delete_many(keys))  # the durable store says it is gone (a logout)
             return result
 
     # -- health --------------------------------------------------------------------------

@@ -7,7 +7,19 @@ import threading
 import uuid
 from collections.abc import Mapping, Sequence
 
-from .base import CacheStore, Changes, DurableStore, Record, json_value, log, now
+from .base import (
+    USER_KEY,
+    CacheStore,
+    Changes,
+    DurableStore,
+    Record,
+    UserRecord,
+    beyond_limit,
+    bound_user,
+    json_value,
+    log,
+    now,
+)
 
 
 class MemoryStore(CacheStore, DurableStore):
@@ -61,6 +73,24 @@ class MemoryStore(CacheStore, DurableStore):
     def delete(self, key: str) -> None:
         with self._lock:
             self._sessions.pop(key, None)
+
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        """A scan of every session: this store is for tests and experiments, not for many users."""
+        with self._lock:
+            t = now()
+            bound = [(key, data[USER_KEY], expires) for key, (data, expires) in self._sessions.items()
+                     if expires > t and USER_KEY in data]  # fmt: skip
+        found = []
+        for key, text, expires in bound:
+            binding = json_value(text)
+            if bound_user({USER_KEY: binding}) == user:
+                found.append(UserRecord(key, binding, expires))
+        return found
+
+    def trim_user(self, user: str, limit: int) -> list[str]:
+        ended = beyond_limit(self.user_sessions(user), limit)
+        self.delete_many(ended)
+        return ended
 
     def ping(self) -> None:
         pass
