@@ -85,9 +85,8 @@ os.environ.update(
 sys.path.insert(0, str(HERE))
 
 import apps  # noqa: E402 - reads the environment set above when it builds an app
-import psycopg2  # noqa: E402
 import redis  # noqa: E402
-from common import loopback_only, print_table  # noqa: E402
+from common import drop_run_tables, loopback_only, print_table, remove_from_redis  # noqa: E402
 from werkzeug.test import create_environ, run_wsgi_app  # noqa: E402
 
 if TYPE_CHECKING:
@@ -510,19 +509,10 @@ def cleanup(variants: list[Variant]) -> None:
                 parts = key.decode().split(":")
                 if len(parts) > 2 and any(value.endswith(parts[-2]) for value in beaker):
                     keys.append(key)
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
     finally:
         client.close()
-    conn = psycopg2.connect(DATABASE_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT schemaname, tablename FROM pg_tables WHERE tablename LIKE %s", (f"bench\\_{RUN}\\_%",))
-            for schema, table in cur.fetchall():
-                cur.execute(f'DROP TABLE IF EXISTS "{schema}"."{table}"')
-    finally:
-        conn.close()
+    remove_from_redis(REDIS_URL, keys)
+    drop_run_tables(DATABASE_URL, RUN)
     shutil.rmtree(WORKDIR, ignore_errors=True)
 
 

@@ -1,10 +1,14 @@
-"""What the benchmark scripts share: the guard against non-loopback servers, and their tables."""
+"""What the benchmark scripts share: the guard against non-loopback servers, their tables, and the
+clean-up of what a run left in Redis and PostgreSQL."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
+
+import psycopg2
+import redis
 
 
 def loopback_only(*urls: str) -> None:
@@ -29,3 +33,29 @@ def print_table(
             print()
         previous = row[0]
         print(line.format(*row).rstrip())
+
+
+def remove_from_redis(url: str, keys: Iterable[bytes]) -> None:
+    """Delete these keys, a thousand at a time."""
+    client = redis.Redis.from_url(url)
+    try:
+        batch = list(keys)
+        for start in range(0, len(batch), 1000):
+            client.delete(*batch[start : start + 1000])
+    finally:
+        client.close()
+
+
+def drop_run_tables(url: str, run: str, schemas: Sequence[str] = ()) -> None:
+    """Drop every table named ``bench_<run>_...`` (in any schema), then these schemas."""
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT schemaname, tablename FROM pg_tables WHERE tablename LIKE %s", (f"bench\\_{run}\\_%",))
+            for schema, table in cur.fetchall():
+                cur.execute(f'DROP TABLE IF EXISTS "{schema}"."{table}"')
+            for schema in schemas:
+                cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        conn.close()

@@ -61,10 +61,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import framework_apps
-import psycopg2
 import redis
 from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call  # bench sets the environment the apps read
-from common import loopback_only, print_table
+from common import drop_run_tables, loopback_only, print_table, remove_from_redis
 from werkzeug.test import create_environ
 
 from wsgisession import SessionCore, Settings
@@ -356,20 +355,10 @@ def cleanup(variants: list[Variant]) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     try:
         keys = list(client.scan_iter(match=f"bench_{RUN}_*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
     finally:
         client.close()
-    conn = psycopg2.connect(DATABASE_URL)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT schemaname, tablename FROM pg_tables WHERE tablename LIKE %s", (f"bench\\_{RUN}\\_%",))
-            for schema, table in cur.fetchall():
-                cur.execute(f'DROP TABLE IF EXISTS "{schema}"."{table}"')
-            cur.execute(f"DROP SCHEMA IF EXISTS bench_{RUN}_{framework_apps.DJANGO_SCHEMA} CASCADE")
-    finally:
-        conn.close()
+    remove_from_redis(REDIS_URL, keys)
+    drop_run_tables(DATABASE_URL, RUN, [f"bench_{RUN}_{framework_apps.DJANGO_SCHEMA}"])
 
 
 # -- main --------------------------------------------------------------------------------
