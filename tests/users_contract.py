@@ -17,10 +17,10 @@ def binding(user: str, seen: int | None = None) -> str:
     return json.dumps({"id": user, "login": t, "seen": seen or t})
 
 
-def bound(store: SessionStore, user: str, ttl: float = 600, **values: object) -> str:
-    """A session of ``user`` created in ``store``; returns its key."""
+def bound(store: SessionStore, user: str, ttl: float = 600, seen: int | None = None, **values: object) -> str:
+    """A session of ``user`` (last seen at ``seen``) created in ``store``; returns its key."""
     key = secrets.token_hex(32)
-    store.create(key, {USER_KEY: binding(user), **{k: json.dumps(v) for k, v in values.items()}}, ttl)
+    store.create(key, {USER_KEY: binding(user, seen), **{k: json.dumps(v) for k, v in values.items()}}, ttl)
     return key
 
 
@@ -70,17 +70,21 @@ def test_binding_and_unbinding_through_an_update(store: SessionStore) -> None:
     assert keys_of(store, other) == set()
 
 
-def test_trim_ends_the_least_recently_used_beyond_the_limit(store: SessionStore) -> None:
+def test_trim_ends_the_least_recently_seen_beyond_the_limit(store: SessionStore) -> None:
     user, other = secrets.token_hex(8), secrets.token_hex(8)
-    oldest = bound(store, user, ttl=100)  # the soonest to expire: the least recently used
-    middle = bound(store, user, ttl=200)
-    newest = bound(store, user, ttl=300)
+    t = int(time.time())
+    # Expiries in the opposite order: a session capped by its absolute lifetime may expire first
+    # though it was used last; "seen" ranks them.
+    oldest = bound(store, user, ttl=300, seen=t - 300)
+    middle = bound(store, user, ttl=200, seen=t - 200)
+    newest = bound(store, user, ttl=100, seen=t - 100)
     theirs = bound(store, other, ttl=50)
     assert store.trim_user(user, 5) == []
     assert sorted(store.trim_user(user, 2)) == [oldest]
     assert keys_of(store, user) == {middle, newest}
     assert store.load(oldest) is None
-    assert sorted(store.trim_user(user, 0)) == sorted([middle, newest])
+    assert sorted(store.trim_user(user, 1, keep=middle)) == [newest]  # the login asking is never ended
+    assert sorted(store.trim_user(user, 0)) == [middle]
     assert keys_of(store, user) == set() and keys_of(store, other) == {theirs}
 
 

@@ -27,6 +27,9 @@ def redis_from(settings: Settings) -> CacheStore:
         raise ConfigError("REDIS_URL is set but redis is not installed: pip install 'wsgisession[redis]'") from None
     try:
         if settings.format == "express":
+            if settings.max_per_user:
+                raise ConfigError("SESSION_MAX_PER_USER needs a store that lists a user's sessions; connect-redis's "
+                                  "records (SESSION_FORMAT=express on Redis) have no index of them")  # fmt: skip
             return ConnectRedisStore(settings.redis_url, document=express_document(settings),
                                      prefix=settings.redis_prefix, timeout=settings.store_timeout)  # fmt: skip
         return RedisStore(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.store_timeout)

@@ -170,10 +170,11 @@ class SessionCore:
                 return [self.expired_cookie(secure)] if visit.had_cookie else []
             session_id = session.id
             started = session.created or int(time.time())  # regenerate() keeps the lifetime
-            store.create(self.format.store_key(session_id), encoded, self.ttl(started))
+            key = self.format.store_key(session_id)
+            store.create(key, encoded, self.ttl(started))
             session.created = started
             if binding is not None and self.settings.max_per_user:
-                self.users.limit(binding["id"])
+                self.users.limit(binding["id"], key)
             return [self.cookie(session_id, started, secure, persistent=persistent)]
         created, key = session.created, cookie.key
         if len(session) == 0:
@@ -182,7 +183,8 @@ class SessionCore:
         changes, ttl = session.changes(), self.ttl(created)
         resign = not cookie.current  # signed with an older secret
         due = resign or (refresh and ttl - ((session.expires or 0) - time.time()) >= self.refresh_after)
-        if due and binding is not None:  # a bound session's refresh says when it was last seen
+        if binding is not None and (due or time.time() - binding.get("seen", 0) >= self.refresh_after):
+            # a bound session's writes say when it was last seen (to within the refresh interval)
             seen = encode(USER_KEY, {**binding, "seen": int(time.time())})
             changes = Changes({**changes.set, USER_KEY: seen}, changes.deleted)
         if changes.set or changes.deleted:

@@ -69,11 +69,12 @@ class UserSessions:
         self._core.store.delete_many(keys)
         return len(keys)
 
-    def limit(self, user_id: str) -> None:
-        """End the user's least recently used sessions beyond SESSION_MAX_PER_USER (at a login). A store
-        failure is logged: the login goes on, the limit holds again at the next one."""
+    def limit(self, user_id: str, login: str) -> None:
+        """End the user's least recently used sessions beyond SESSION_MAX_PER_USER, never ``login`` (the
+        store key of the login that asks). A store failure is logged: the login goes on, and the limit
+        holds again at the next one."""
         try:
-            ended = self._core.store.trim_user(user_id, self._core.settings.max_per_user)
+            ended = self._core.store.trim_user(user_id, self._core.settings.max_per_user, keep=login)
         except StoreError as exc:
             self._core.report_failure("limiting", exc)
             return

@@ -119,7 +119,7 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         self[USER_KEY] = {"id": str(user_id), "login": now, "seen": now, **client}
         if self._core.settings.max_per_user:
             self.save()  # stored now, so that the limit counts it
-            self._core.users.limit(str(user_id))
+            self._core.users.limit(str(user_id), self.store_key or "")
 
     def _validate_session_key(self, key: str | None) -> bool:
         """Whether ``key`` is a genuine signed value of a live session (remembering which one)."""

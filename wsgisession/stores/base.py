@@ -53,9 +53,16 @@ class UserRecord(NamedTuple):
     expires: float
 
 
-def beyond_limit(records: Sequence[UserRecord], limit: int) -> list[str]:
-    """The keys of the least recently used sessions (the soonest to expire) beyond the ``limit`` most recent."""
-    return [record.key for record in sorted(records, key=lambda record: -record.expires)[limit:]]
+def recency(record: UserRecord) -> tuple[int, int, float]:
+    """How recently a session was used, to rank a user's sessions: last seen, then login, then expiry."""
+    binding = record.binding
+    return int(binding.get("seen") or 0), int(binding.get("login") or 0), record.expires
+
+
+def beyond_limit(records: Sequence[UserRecord], limit: int, keep: str | None = None) -> list[str]:
+    """The keys of the least recently used sessions beyond the ``limit`` most recent (``keep`` first of all)."""
+    ranked = sorted(records, key=lambda record: (record.key == keep, recency(record)), reverse=True)
+    return [record.key for record in ranked[limit:]]
 
 
 def bound_user(data: Mapping[str, Any]) -> str | None:
@@ -109,9 +116,9 @@ class SessionStore(ABC):
         """The live sessions bound to ``user`` (see :data:`USER_KEY`), in one query where the backend allows."""
         raise NotImplementedError(f"the {self.name} store cannot list a user's sessions")
 
-    def trim_user(self, user: str, limit: int) -> list[str]:
-        """End ``user``'s least recently used sessions (the soonest to expire) beyond the ``limit``
-        most recent; return the keys ended."""
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
+        """End ``user``'s least recently used sessions (by :func:`recency`) beyond the ``limit`` most
+        recent, never ``keep`` (the login that asks); return the keys ended."""
         raise NotImplementedError(f"the {self.name} store cannot limit a user's sessions")
 
     def delete_many(self, keys: Sequence[str]) -> None:

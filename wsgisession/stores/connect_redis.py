@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import redis
 
-from .base import Changes, Record, StoreError, log, merged, now
+from .base import Changes, Record, StoreError, UserRecord, log, merged, now
 from .express import ExpressDocument
 from .redis import ERRORS, RedisStore, milliseconds, wrong_type
 
@@ -21,6 +21,10 @@ class ConnectRedisStore(RedisStore):
     The document cannot be merged by Redis itself, so an update is a compare-and-set
     (WATCH, read, merge, MULTI/SET), retried when another request wrote in between.
     (A Lua merge would need cjson, which rounds numbers and turns [] into {}.)
+
+    It keeps no user index: the Express application writes and extends these sessions without
+    one, so a user's sessions could only be found by reading every key. A session is still bound
+    by a login (the Express side sees the binding), and ended by its own logout.
     """
 
     def __init__(
@@ -79,3 +83,16 @@ class ConnectRedisStore(RedisStore):
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")
+
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        raise NotImplementedError(_NO_INDEX)
+
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
+        raise NotImplementedError(_NO_INDEX)
+
+
+_NO_INDEX = (
+    "the express format (connect-redis's records) keeps no index of a user's sessions: the Express "
+    "application writes and extends them without one, and finding them would mean reading every key. "
+    "Listing, ending and limiting a user's sessions need the native format (SESSION_FORMAT=native, the default)"
+)

@@ -165,7 +165,9 @@ class FailoverStore(SessionStore):
     # -- writes --------------------------------------------------------------------------
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        self._write(key, lambda s: s.create(key, data, ttl), written=True)
+        # The cache first: a new session is found (and may be ended) through the durable store's index
+        # once it is there, so the cache must not take a copy after an ending came between the two.
+        self._write(key, lambda s: s.create(key, data, ttl), written=True, cache_first=True)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         return bool(self._write(key, lambda s: s.update(key, changes, ttl), written=True))
@@ -190,34 +192,36 @@ class FailoverStore(SessionStore):
                 self._durable_failed(exc)
         return self.cache.user_sessions(user)
 
-    def trim_user(self, user: str, limit: int) -> list[str]:
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
         """Chosen by the durable store (the cache's only while it is away); ended in both."""
-        ended = beyond_limit(self.user_sessions(user), limit)
+        ended = beyond_limit(self.user_sessions(user), limit, keep)
         self.delete_many(ended)
         return ended
 
-    def _write(self, key: str | tuple[str, ...], operation: Callable[[SessionStore], Any], written: bool) -> Any:
-        """Apply ``operation`` to both stores, and note what either of them missed (for each of ``key``)."""
+    def _write(
+        self,
+        key: str | tuple[str, ...],
+        operation: Callable[[SessionStore], Any],
+        written: bool,
+        cache_first: bool = False,
+    ) -> Any:
+        """Apply ``operation`` to both stores (the durable one first, unless ``cache_first``), and note
+        what either of them missed (for each of ``key``)."""
         self._first_use()
         with self._gate.write():
             durable_ok = cache_ok = False
             result: Any = None
             cache_result: Any = None
+            if cache_first:
+                cache_ok, cache_result = self._write_cache(operation)
             if self.durable_health.up:
                 try:
                     result = operation(self.durable)
                     durable_ok = True
                 except StoreError as exc:
                     self._durable_failed(exc)
-            if self.cache_health.writable:
-                started = time.perf_counter()
-                try:
-                    cache_result = operation(self.cache)
-                    cache_ok = True
-                except StoreError as exc:
-                    self._cache_failed(exc)
-                else:
-                    self._cache_took(time.perf_counter() - started)
+            if not cache_first:
+                cache_ok, cache_result = self._write_cache(operation)
             if not (durable_ok or cache_ok):
                 raise StoreError(f"{self.cache.name} and {self.durable.name} are both unavailable")
             keys = key if isinstance(key, tuple) else (key,)
@@ -234,6 +238,19 @@ class FailoverStore(SessionStore):
             elif result is False and cache_result is True:
                 self._on_cache(lambda c: c.delete_many(keys))  # the durable store says it is gone (a logout)
             return result
+
+    def _write_cache(self, operation: Callable[[SessionStore], Any]) -> tuple[bool, Any]:
+        """``operation`` on the cache, if it takes writes now: (whether it did, its result)."""
+        if not self.cache_health.writable:
+            return False, None
+        started = time.perf_counter()
+        try:
+            result = operation(self.cache)
+        except StoreError as exc:
+            self._cache_failed(exc)
+            return False, None
+        self._cache_took(time.perf_counter() - started)
+        return True, result
 
     # -- health --------------------------------------------------------------------------
 

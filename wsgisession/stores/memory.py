@@ -87,8 +87,8 @@ class MemoryStore(CacheStore, DurableStore):
                 found.append(UserRecord(key, binding, expires))
         return found
 
-    def trim_user(self, user: str, limit: int) -> list[str]:
-        ended = beyond_limit(self.user_sessions(user), limit)
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
+        ended = beyond_limit(self.user_sessions(user), limit, keep)
         self.delete_many(ended)
         return ended
 

@@ -2,12 +2,22 @@
 
 The URL picks redis-py's client: ``redis://``, ``rediss://`` and ``unix://`` one server;
 ``redis+sentinel://`` the master a set of Sentinels names; ``redis+cluster://`` a Redis
-Cluster (see :func:`client_from_url`). Every key the store touches in one command, pipeline,
-transaction or script is the session's own, so each lands in one hash slot of a cluster.
+Cluster (see :func:`client_from_url`). A session's own commands, pipelines and scripts touch its
+key alone, so on a cluster each lands in the session's hash slot.
+
+A user's index: the sorted set ``<prefix>user:<user id>`` of the keys of the sessions bound to
+the user (see :data:`~.base.USER_KEY`), each scored by its session's expiry (Unix ms). On one
+server (and behind Sentinels) the script that writes a session keeps its user's index in the
+same round trip: every write of a bound session scores it anew, a login drops the members whose
+session is gone, and the index expires with its latest member. On a cluster the index lives in
+another slot than the sessions, which no script may reach together: the index is written after
+the session, one more round trip at a login and at a refresh, and after other writes once they
+have moved the session's expiry :data:`LAG` past its score.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import threading
@@ -23,7 +33,20 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from .base import CacheStore, Changes, Record, StoreError, after_fork, json_value, log, now
+from .base import (
+    USER_KEY,
+    CacheStore,
+    Changes,
+    Record,
+    StoreError,
+    UserRecord,
+    after_fork,
+    beyond_limit,
+    bound_user,
+    json_value,
+    log,
+    now,
+)
 
 #: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
 #: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
@@ -42,25 +65,162 @@ _SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
 # session key can have (they hold no NUL), so that a read is a single HGETALL.
 EXPIRES = "\x00expires"
 _EXPIRES = EXPIRES.encode()
+# On a cluster, the score the session last got in its user's index (Unix ms).
+INDEXED = "\x00indexed"
+_INDEXED = INDEXED.encode()
+#: What a user's index key adds to the prefix, before the user id.
+INDEX = "user:"
+#: On a cluster, how far (ms) a session's expiry may run ahead of its score in the index before
+#: the index is told. Its members are kept that long past their score, and the index too.
+LAG = 120_000
+
+# What the scripts share: the field names, and the user index's upkeep (on one server: in the
+# script that writes the session; on a cluster the index is another slot's, and _INDEX keeps it).
+_COMMON = f"""
+local USER, EXPIRES, INDEXED, INDEX = '{USER_KEY}', '\\000expires', '\\000indexed', '{INDEX}'
+
+-- A binding (USER_KEY's JSON text) decoded, and the user it names; or nil.
+local function user_of(binding)
+  if type(binding) ~= 'string' then return nil end
+  local ok, value = pcall(cjson.decode, binding)
+  if ok and type(value) == 'table' and type(value.id) == 'string' then return value.id, value end
+  return nil
+end
+
+-- Score member in the index, drop the members scored below now - margin, and have the index
+-- expire margin ms after its latest member.
+local function index(key, member, score, now, margin)
+  redis.call('zadd', key, score, member)
+  redis.call('zremrangebyscore', key, '-inf', '(' .. (now - margin))
+  local top = redis.call('zrange', key, -1, -1, 'withscores')
+  redis.call('pexpire', key, top[2] - now + margin)
+end
+
+-- The members of the index whose session is alive and bound to user, as (key, binding, expiry,
+-- decoded binding); the others leave it.
+local function live(key, now, prefix, user)
+  redis.call('zremrangebyscore', key, '-inf', '(' .. now)
+  local found = {{}}
+  for _, member in ipairs(redis.call('zrange', key, 0, -1)) do
+    local values = redis.call('hmget', prefix .. member, USER, EXPIRES)
+    local id, decoded = user_of(values[1])
+    if id == user then
+      found[#found + 1] = {{member, values[1], values[2] or '', decoded}}
+    else
+      redis.call('zrem', key, member)
+    end
+  end
+  return found
+end
+
+-- On one server: move the session KEYS[1] from the index of old (its user before this write) to
+-- its user's now, scored by its new expiry; at a login, tidy that index of sessions gone.
+local function reindex(old, ttl, now, prefix, login)
+  local new = user_of(redis.call('hget', KEYS[1], USER))
+  local member = string.sub(KEYS[1], #prefix + 1)
+  if old and old ~= new then redis.call('zrem', prefix .. INDEX .. old, member) end
+  if new then
+    local key = prefix .. INDEX .. new
+    index(key, member, now + ttl, now, 0)
+    if login then live(key, now, prefix, new) end
+  end
+end
+"""
 
 # Extend the session's life and apply per-key changes, only if the session still exists:
-# one round trip, atomic, so a concurrent logout is never undone. ARGV: the TTL in ms, the
-# number n of deleted fields, those n fields, then field/value pairs (the expiry's last).
+# one round trip, atomic, so a concurrent logout is never undone. ARGV: the TTL in ms, now (Unix
+# ms), "index" (one server) or "cluster", the prefix, the number n of deleted fields, those n
+# fields, then field/value pairs (the expiry's last). On a cluster it returns the session's
+# binding when its expiry ran LAG ms past its score (the caller then tells the index).
 # Commands take at most 1000 arguments from the script's stack at a time.
-_UPDATE = """
-if redis.call('pexpire', KEYS[1], ARGV[1]) == 0 then return 0 end
-local n = tonumber(ARGV[2])
-for i = 3, 2 + n, 1000 do redis.call('hdel', KEYS[1], unpack(ARGV, i, math.min(i + 999, 2 + n))) end
-for i = 3 + n, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+_UPDATE = (
+    _COMMON
+    + f"""
+local ttl, now, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
+if redis.call('pexpire', KEYS[1], ttl) == 0 then return 0 end
+local old = user_of(redis.call('hget', KEYS[1], USER))
+local n = tonumber(ARGV[5])
+for i = 6, 5 + n, 1000 do redis.call('hdel', KEYS[1], unpack(ARGV, i, math.min(i + 999, 5 + n))) end
+for i = 6 + n, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+if ARGV[3] == 'index' then
+  reindex(old, ttl, now, prefix, false)
+  return 1
+end
+local binding = redis.call('hget', KEYS[1], USER)
+if binding and now + ttl - tonumber(redis.call('hget', KEYS[1], INDEXED) or 0) > {LAG} then
+  redis.call('hset', KEYS[1], INDEXED, now + ttl)
+  return binding
+end
 return 1
 """
-_CREATE = """
+)
+# Replace the session. ARGV: the TTL in ms, now (Unix ms), "index" or "cluster", the prefix, then
+# field/value pairs. A record of another type than a hash (a malformed one) is replaced too.
+_CREATE = (
+    _COMMON
+    + """
+local ttl, now, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
+local old = user_of(redis.pcall('hget', KEYS[1], USER))
 redis.call('del', KEYS[1])
-for i = 2, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
-redis.call('pexpire', KEYS[1], ARGV[1])
+for i = 5, #ARGV, 1000 do redis.call('hset', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV))) end
+redis.call('pexpire', KEYS[1], ttl)
+if ARGV[3] == 'index' then reindex(old, ttl, now, prefix, true) end
 return 1
 """
-_DIGESTS = {script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest() for script in (_UPDATE, _CREATE)}
+)
+# A cluster's index write. KEYS[1]: the index; ARGV: the session's key, its score, now, the margin.
+_INDEX = (
+    _COMMON
+    + """
+index(KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+return 1
+"""
+)
+# A user's live sessions, on one server: KEYS[1] the index; ARGV: now (Unix ms), the prefix, the
+# user. Returns key, binding, expiry, key, binding...
+_LIST = (
+    _COMMON
+    + """
+local found = {}
+for _, session in ipairs(live(KEYS[1], tonumber(ARGV[1]), ARGV[2], ARGV[3])) do
+  for i = 1, 3 do found[#found + 1] = session[i] end
+end
+return found
+"""
+)
+# End the user's least recently used sessions beyond the ARGV[4] most recent, never ARGV[5] (the login
+# that asks), on one server; ARGV[1..3] as _LIST's. Ranked as base.recency() does: last seen, login,
+# expiry. Returns the keys ended.
+_TRIM = (
+    _COMMON
+    + """
+local prefix, keep = ARGV[2], ARGV[5]
+local ranked = {}
+for _, session in ipairs(live(KEYS[1], tonumber(ARGV[1]), prefix, ARGV[3])) do
+  local binding = session[4]
+  ranked[#ranked + 1] = {session[1], session[1] == keep and 1 or 0, math.floor(tonumber(binding.seen) or 0),
+                         math.floor(tonumber(binding.login) or 0), tonumber(session[3]) or 0}
+end
+table.sort(ranked, function(a, b)
+  for i = 2, 5 do
+    if a[i] ~= b[i] then return a[i] > b[i] end
+  end
+  return false
+end)
+local ended = {}
+for i = tonumber(ARGV[4]) + 1, #ranked do
+  local member = ranked[i][1]
+  redis.call('unlink', prefix .. member)
+  redis.call('zrem', KEYS[1], member)
+  ended[#ended + 1] = member
+end
+return ended
+"""
+)
+_DIGESTS = {
+    script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    for script in (_UPDATE, _CREATE, _INDEX, _LIST, _TRIM)
+}
 
 
 class RedisStore(CacheStore):
@@ -116,6 +276,7 @@ class RedisStore(CacheStore):
             # execute_command() rather than hgetall(): the same command, with less per-call wrapping
             fields: dict[bytes, bytes] = self.client.execute_command("HGETALL", self.prefix + key)  # type: ignore[no-untyped-call]
             stamp = fields.pop(_EXPIRES, None)
+            fields.pop(_INDEXED, None)
             data = {k.decode(): json_value(v.decode()) for k, v in fields.items()}
             expires = float(stamp) if stamp is not None else now()  # unknown: refresh it soon
         except redis.ResponseError as exc:
@@ -133,30 +294,131 @@ class RedisStore(CacheStore):
         return Record(data, expires)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        args: list[Any] = [milliseconds(ttl)]
+        t, ms = self._clock(ttl)
+        args: list[Any] = [ms, t, *self._mode()]
         for field, value in data.items():
             args += (field, value)
-        args += (EXPIRES, repr(now() + ttl))
+        args += (EXPIRES, repr(t / 1000 + ttl))
+        user = _user_in(data.get(USER_KEY)) if self._cluster else None
+        if user is not None:
+            args += (INDEXED, t + ms)
         self._run(self._script, _CREATE, self.prefix + key, *args)  # one round trip, where MULTI takes two
+        if user is not None:
+            self._tell_index(key, user, t + ms, t, created=True)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
-        args: list[Any] = [milliseconds(ttl), len(changes.deleted), *changes.deleted]
+        t, ms = self._clock(ttl)
+        args: list[Any] = [ms, t, *self._mode(), len(changes.deleted), *changes.deleted]
         for field, value in changes.set.items():
             args += (field, value)
-        args += (EXPIRES, repr(now() + ttl))
-        return bool(self._run(self._script, _UPDATE, self.prefix + key, *args))
+        args += (EXPIRES, repr(t / 1000 + ttl))
+        user = _user_in(changes.set.get(USER_KEY)) if self._cluster else None
+        if user is not None:  # a login or a refresh, on a cluster
+            args += (INDEXED, t + ms)
+        done = self._run(self._script, _UPDATE, self.prefix + key, *args)
+        if not done:
+            return False
+        if isinstance(done, (bytes, str)):  # a cluster's session that ran ahead of its index
+            user = _user_in(_text(done))
+        if user is not None:
+            self._tell_index(key, user, t + ms, t, created=False)
+        return True
 
     def touch(self, key: str, ttl: float) -> bool:
         return self.update(key, Changes({}), ttl)
 
     def _script(self, script: str, name: str, *args: Any) -> Any:
-        """Run ``script`` on the session ``name`` by its digest; a server that lacks it (new, restarted
+        """Run ``script`` on the key ``name`` by its digest; a server that lacks it (new, restarted
         or flushed) is sent the script itself, which it then keeps."""
         client = self.client
         try:
             return client.execute_command("EVALSHA", _DIGESTS[script], 1, name, *args)  # type: ignore[no-untyped-call]
         except redis.exceptions.NoScriptError:
             return client.execute_command("EVAL", script, 1, name, *args)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _clock(ttl: float) -> tuple[int, int]:
+        """Now in Unix ms (the application's clock, as every expiry), and ``ttl`` in ms."""
+        return int(now() * 1000), milliseconds(ttl)
+
+    @property
+    def _cluster(self) -> bool:
+        return isinstance(self.client, RedisCluster)
+
+    def _mode(self) -> tuple[str, str]:
+        """What the write scripts are told: who keeps the index (they, but on a cluster), and the prefix."""
+        return ("cluster" if self._cluster else "index"), self.prefix
+
+    def _index_key(self, user: str) -> str:
+        return self.prefix + INDEX + user
+
+    def _index(self, user: str, key: str, score: int, t: int) -> None:
+        """A cluster's index write: ``key`` scored ``score``, members past their score by :data:`LAG` dropped."""
+        self._run(self._script, _INDEX, self._index_key(user), key, score, t, LAG)
+
+    def _tell_index(self, key: str, user: str, score: int, t: int, created: bool) -> None:
+        """Give a cluster's index the session just written (after it: a listing that finds a member's
+        session missing drops it). Should that fail, a created session is deleted again, an updated
+        one is told it was not indexed (its next write tries again): no session stays out of its index."""
+        try:
+            self._index(user, key, score, t)
+        except StoreError:
+            with contextlib.suppress(*ERRORS):
+                if created:
+                    self.client.unlink(self.prefix + key)
+                else:
+                    self.client.hdel(self.prefix + key, INDEXED)
+            raise
+
+    # -- a user's sessions -------------------------------------------------------------------
+
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        """One script on one server (it also drops the members of sessions gone). On a cluster, where
+        the index and the sessions are in different slots: the index read, then the sessions' fields
+        in a pipeline (one round trip to each node that holds any), then, if some are gone, their
+        removal from the index: two round trips, or three."""
+        index = self._index_key(user)
+        t = int(now() * 1000)
+        if not self._cluster:
+            found = self._run(self._script, _LIST, index, t, self.prefix, user)
+            triples = [found[i : i + 3] for i in range(0, len(found), 3)]
+            return [r for r in (_user_record(user, *triple) for triple in triples) if r is not None]
+        client = self.client
+        pipe = client.pipeline(transaction=False)
+        pipe.zremrangebyscore(index, "-inf", f"({t - LAG}")
+        pipe.zrange(index, 0, -1)
+        members: list[bytes] = self._run(pipe.execute)[1]
+        if not members:
+            return []
+        pipe = client.pipeline(transaction=False)
+        for member in members:
+            pipe.hmget(self.prefix + _text(member), [USER_KEY, EXPIRES])
+        fields = self._run(pipe.execute)
+        records, gone = [], []
+        for member, (binding, expires) in zip(members, fields, strict=True):
+            record = _user_record(user, member, binding, expires)
+            if record is None:
+                gone.append(member)
+            else:
+                records.append(record)
+        if gone:
+            self._run(client.zrem, index, *gone)
+        return records
+
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
+        """One script on one server; on a cluster, :meth:`user_sessions` then one pipelined round trip."""
+        if not self._cluster:
+            t = int(now() * 1000)
+            ended = self._run(self._script, _TRIM, self._index_key(user), t, self.prefix, user, limit, keep or "")
+            return [_text(key) for key in ended]
+        keys = beyond_limit(self.user_sessions(user), limit, keep)
+        if keys:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.unlink(self.prefix + key)
+            pipe.zrem(self._index_key(user), *keys)
+            self._run(pipe.execute)
+        return keys
 
     def delete(self, key: str) -> None:
         self._run(self.client.delete, self.prefix + key)
@@ -262,6 +524,26 @@ def _on_new_connections(client: Client, hook: Callable[[Connection], None]) -> N
     """Have ``hook`` run on every connection the client's pool opens (plain and Sentinel clients)."""
     if isinstance(client, redis.Redis):
         client.connection_pool.connection_kwargs.setdefault("redis_connect_func", hook)
+
+
+def _user_in(binding: str | None) -> str | None:
+    """The user a binding's JSON text (USER_KEY's value) names, or None."""
+    if binding is None:
+        return None
+    try:
+        return bound_user({USER_KEY: json_value(binding)})
+    except (ValueError, RecursionError):
+        return None
+
+
+def _user_record(user: str, key: Any, binding: Any, expires: Any) -> UserRecord | None:
+    """A session of ``user`` from its key and fields as Redis returns them; None if gone or another's."""
+    if binding is None:
+        return None
+    text = _text(binding)
+    if _user_in(text) != user:
+        return None
+    return UserRecord(_text(key), json_value(text), float(_text(expires)) if expires else now())
 
 
 def milliseconds(seconds: float) -> int:

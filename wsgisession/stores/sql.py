@@ -16,14 +16,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
+    USER_KEY,
     Changes,
     DurableStore,
     Periodic,
     Record,
     StoreError,
+    UserRecord,
     after_fork,
+    bound_user,
     decode_record,
     json_object,
+    json_value,
     log,
     merged,
     now,
@@ -32,6 +36,7 @@ from .base import (
 # 57 characters at most: the table of stale marks adds "_stale", within PostgreSQL's 63.
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}(\.[A-Za-z_][A-Za-z0-9_]{0,56})?")
 CLEANUP_BATCH = 1000
+DELETE_BATCH = 500  # keys per DELETE of delete_many: within SQLite's oldest limit of 999 parameters
 
 # Connections inherited through a fork are kept, never closed, so that the child
 # does not end the parent's connection (a PostgreSQL close sends Terminate).
@@ -150,6 +155,10 @@ class SQLStore(DurableStore):
     time_type = "REAL"
     mark_type = "INTEGER"  # an integer primary key that numbers rows as they are inserted
     table_options = ""
+    #: what a query needs to skip all rows but the first ``n`` (PostgreSQL's OFFSET alone; SQLite needs a LIMIT)
+    offset = "OFFSET"
+    #: what puts NULLs last in a descending order (SQLite does by default)
+    nulls_last = ""
     #: how a merge in Python opens its transaction, and what its read adds to lock the row
     rewrite_begin = "BEGIN"
     rewrite_lock = ""
@@ -169,19 +178,23 @@ class SQLStore(DurableStore):
         i, d, e = self.columns
         # Expiry is checked in Python: a predicate on it costs the planner more than the check.
         self._sql_load = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p}"
-        self._sql_create = (
-            f"INSERT INTO {t} ({i}, {d}, {e}) VALUES ({p}, {p}, {ts}) "
-            f"ON CONFLICT ({i}) DO UPDATE SET {d} = excluded.{d}, {e} = excluded.{e}"
-        )
+        self._sql_create = self._create_sql()
         self._sql_touch = f"UPDATE {t} SET {e} = {ts} WHERE {i} = {p} AND {e} > {ts}"
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
         self._sql_read_live = f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
-        self._sql_rewrite = f"UPDATE {t} SET {d} = {p}, {e} = {ts} WHERE {i} = {p}"
+        self._sql_rewrite = self._rewrite_sql()
         batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
         self.stale_table = f"{t}_stale"
         self._sql_mark = f"INSERT INTO {self.stale_table} (key) VALUES ({p})"
         self._sql_stale = f"SELECT mark, key FROM {self.stale_table} ORDER BY mark LIMIT {p}"
+        # A user's live sessions, found through the index of the bound user's id (see schema()); those
+        # beyond a limit, ranked as base.recency ranks them, the one to keep first.
+        users = f"{self.bound_id(d)} = {p} AND {e} > {ts}"
+        self._sql_user_sessions = f"SELECT {i}, {self.binding(d)}, {self.epoch(e)} FROM {t} WHERE {users}"
+        seen, login, last = self.binding_field(d, "seen"), self.binding_field(d, "login"), self.nulls_last
+        ranked = f"({i} = {p}) DESC, {seen} DESC{last}, {login} DESC{last}, {e} DESC"
+        self._sql_beyond = f"SELECT {i} FROM {t} WHERE {users} ORDER BY {ranked} {self.offset} {p}"
         after_fork(self, SQLStore._after_fork)
 
     # -- dialect ---------------------------------------------------------------------
@@ -196,19 +209,55 @@ class SQLStore(DurableStore):
     def epoch(column: str) -> str:
         """SQL that reads the expiry column back as Unix seconds."""
 
+    @abstractmethod
+    def binding(self, column: str) -> str:
+        """SQL for a bound row's binding (:data:`USER_KEY`'s value in the document in ``column``), as JSON."""
+
+    @abstractmethod
+    def bound_id(self, column: str) -> str:
+        """SQL for the id of the user a row is bound to, NULL when none, that never fails: what the
+        index of a user's sessions holds (an expression in parentheses)."""
+
+    @abstractmethod
+    def binding_field(self, column: str, field: str) -> str:
+        """SQL for a field of a bound row's binding, in an order where a later time is greater."""
+
     def schema(self) -> list[str]:
-        """The statements that create the table and its index if they are missing."""
-        index = self.table.rsplit(".", 1)[-1] + "_expires_at"
+        """The statements that create the table and its indexes if they are missing (a table made
+        before the index of a user's sessions existed gains it when :meth:`setup` runs them)."""
+        name, bound = self.table.rsplit(".", 1)[-1], self.bound_id("data")
         return [
             f"CREATE TABLE IF NOT EXISTS {self.table} (id TEXT PRIMARY KEY, data {self.data_type} NOT NULL, "
             f"expires_at {self.time_type} NOT NULL){self.table_options}",
-            f"CREATE INDEX IF NOT EXISTS {index} ON {self.table} (expires_at)",
+            f"CREATE INDEX IF NOT EXISTS {name}_expires_at ON {self.table} (expires_at)",
+            f"CREATE INDEX IF NOT EXISTS {name}_user ON {self.table} ({bound}) WHERE {bound} IS NOT NULL",
             f"CREATE TABLE IF NOT EXISTS {self.stale_table} (mark {self.mark_type} PRIMARY KEY, key TEXT NOT NULL)",
         ]
 
     @abstractmethod
     def _connect(self) -> Any:
         """Open one connection, in autocommit mode."""
+
+    def _create_sql(self) -> str:
+        """The upsert that writes a whole session."""
+        i, d, e = self.columns
+        p = self.param
+        return (
+            f"INSERT INTO {self.table} ({i}, {d}, {e}) VALUES ({p}, {p}, {self.timestamp(p)}) "
+            f"ON CONFLICT ({i}) DO UPDATE SET {d} = excluded.{d}, {e} = excluded.{e}"
+        )
+
+    def _create_params(self, key: str, data: Mapping[str, str], expires: float) -> tuple[Any, ...]:
+        return (key, self._document(data, expires), expires)
+
+    def _rewrite_sql(self) -> str:
+        """The update that writes back a session merged in Python."""
+        i, d, e = self.columns
+        p = self.param
+        return f"UPDATE {self.table} SET {d} = {p}, {e} = {self.timestamp(p)} WHERE {i} = {p}"
+
+    def _rewrite_params(self, key: str, data: Mapping[str, str], expires: float) -> tuple[Any, ...]:
+        return (self._document(data, expires), expires, key)
 
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         """Apply ``changes`` to a live row in one atomic step; False when there is none."""
@@ -224,7 +273,7 @@ class SQLStore(DurableStore):
             record = None if row is None else self._record(row[0], expires)
             if record is None:
                 return False
-            cur.execute(self._sql_rewrite, (self._document(merged(record.data, changes), expires), expires, key))
+            cur.execute(self._sql_rewrite, self._rewrite_params(key, merged(record.data, changes), expires))
             return True
         finally:
             cur.execute("COMMIT")
@@ -264,7 +313,7 @@ class SQLStore(DurableStore):
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._cursor() as cur:
             expires = now() + ttl
-            self._execute(cur, self._sql_create, (key, self._document(data, expires), expires))
+            self._execute(cur, self._sql_create, self._create_params(key, data, expires))
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         with self._cursor() as cur:
@@ -279,6 +328,50 @@ class SQLStore(DurableStore):
     def delete(self, key: str) -> None:
         with self._cursor() as cur:
             self._execute(cur, self._sql_delete, (key,))
+
+    def user_sessions(self, user: str) -> list[UserRecord]:
+        """One SELECT through the index of bound users; retried once on a connection the server had
+        closed, as :meth:`load` is."""
+        try:
+            rows = self._user_rows(user)
+        except ConnectionLost:
+            rows = self._user_rows(user)
+        found = []
+        for key, text, expires in rows:
+            binding = json_value(text)
+            if bound_user({USER_KEY: binding}) == user:
+                found.append(UserRecord(key, binding, float(expires)))
+        return found
+
+    def _user_rows(self, user: str) -> list[Any]:
+        with self._cursor() as cur:
+            cur.execute(self._sql_user_sessions, (user, now()))
+            return list(cur.fetchall())
+
+    def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
+        """A SELECT of the rows beyond the ``limit`` most recently used and a DELETE of them, in one
+        transaction (:attr:`rewrite_begin`)."""
+        with self._cursor() as cur:
+            cur.execute(self.rewrite_begin)
+            try:
+                cur.execute(self._sql_beyond, (user, now(), keep, limit))
+                keys = [key for (key,) in cur.fetchall()]
+                self._delete_keys(cur, keys)
+            finally:
+                cur.execute("COMMIT")
+        return keys
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """One DELETE (one per 500 keys)."""
+        if keys:
+            with self._cursor() as cur:
+                self._delete_keys(cur, list(keys))
+
+    def _delete_keys(self, cur: Any, keys: list[str]) -> None:
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = keys[start : start + DELETE_BATCH]
+            listed = ", ".join([self.param] * len(batch))
+            cur.execute(f"DELETE FROM {self.table} WHERE {self.columns[0]} IN ({listed})", tuple(batch))
 
     def ping(self) -> None:
         with self._cursor() as cur:
