@@ -3,19 +3,24 @@ against the real Redis and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import webtest
 from servers import SECRET, free_port, unique
 from servers import pg_sql as sql
 
+from wsgisession import SessionMiddleware
 from wsgisession.stores.postgres import PostgresStore
 
 ROUND_TRIP = re.compile(r"^Round trip: \d+\.\d+ ms", re.MULTILINE)
@@ -207,6 +212,102 @@ def test_init_db_without_a_sql_store_has_nothing_to_create(tmp_path: Path, redis
     assert "CREATE" not in printed.stdout and "Nothing to create" in printed.stdout
 
 
+# -- sessions and revoke --------------------------------------------------------------------
+
+LONG_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36"
+
+
+def user_app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """/login?USER logs USER in; any other path says who is logged in."""
+    session = environ["session"]
+    if environ["PATH_INFO"] == "/login":
+        session.login(environ["QUERY_STRING"])
+    start_response("200 OK", [("Content-Type", "application/json")])
+    return [json.dumps({"user": session.user_id}).encode()]
+
+
+@pytest.fixture(params=["postgres", "redis", "failover"])
+def store_env(request: pytest.FixtureRequest, redis_url: str, database_url: str, table: str) -> dict[str, str]:
+    """The variables that select a store on private names, for the application and the command alike."""
+    postgres = {"DATABASE_URL": database_url, "SESSION_TABLE": table}
+    redis = {"REDIS_URL": redis_url, "SESSION_REDIS_PREFIX": unique("cli") + ":"}
+    return {"postgres": {**postgres, "SESSION_STORE": "postgres"}, "redis": redis, "failover": {**postgres, **redis}}[
+        request.param
+    ]
+
+
+@pytest.fixture
+def user_mw(store_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[SessionMiddleware]:
+    """The application, on the store its environment selects, keeping the client details of each login."""
+    for name, value in {**store_env, "SESSION_SECRET": SECRET, "SESSION_CLIENT_DETAILS": "true"}.items():
+        monkeypatch.setenv(name, value)
+    mw = SessionMiddleware(user_app)
+    yield mw
+    mw.close()
+
+
+def device(mw: SessionMiddleware, user: str, agent: str = "Mozilla/5.0 (phone)") -> webtest.TestApp:
+    """A browser (its own cookie jar) logged in as ``user``."""
+    browser = webtest.TestApp(mw, extra_environ={"HTTP_USER_AGENT": agent, "REMOTE_ADDR": "10.0.0.7"})
+    browser.get(f"/login?{user}")
+    return browser
+
+
+def utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def test_sessions_lists_the_users_devices(
+    tmp_path: Path, store_env: dict[str, str], user_mw: SessionMiddleware
+) -> None:
+    device(user_mw, "ann")
+    device(user_mw, "ann", LONG_AGENT)
+    device(user_mw, "bob")
+    listed = user_mw.users.list("ann")
+
+    result = run_cli(tmp_path, "sessions", "ann", env=store_env)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()[-3:]
+    assert header.split() == ["HANDLE", "LOGIN", "(UTC)", "LAST", "SEEN", "(UTC)", "EXPIRES", "(UTC)", "AGENT", "IP"]
+    assert [row.split()[0] for row in rows] == [d.handle for d in listed]  # most recently seen first
+    for row, listed_device in zip(rows, listed, strict=True):
+        assert utc(listed_device.login) in row and utc(listed_device.expires) in row
+        assert row.endswith("  10.0.0.7")
+    assert "Mozilla/5.0 (phone)" in result.stdout and LONG_AGENT[:30] in result.stdout
+    assert LONG_AGENT not in result.stdout  # cut to fit a row
+    assert user_mw.users.list("bob")[0].handle not in result.stdout
+
+    as_json = run_cli(tmp_path, "sessions", "--json", "ann", env=store_env)
+    assert as_json.returncode == 0, as_json.stderr
+    fields = ("handle", "login", "seen", "expires", "agent", "ip")
+    assert json.loads(as_json.stdout) == [{field: getattr(d, field) for field in fields} for d in listed]
+    assert LONG_AGENT in as_json.stdout  # whole
+
+
+def test_revoke_ends_every_session_of_the_user(
+    tmp_path: Path, store_env: dict[str, str], user_mw: SessionMiddleware
+) -> None:
+    phone, laptop, bob = device(user_mw, "ann"), device(user_mw, "ann"), device(user_mw, "bob")
+
+    result = run_cli(tmp_path, "revoke", "ann", env=store_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "Ended 2 sessions of user ann"
+    assert phone.get("/").json == laptop.get("/").json == {"user": None}  # logged out at their next request
+    assert bob.get("/").json == {"user": "bob"}
+    again = run_cli(tmp_path, "revoke", "ann", env=store_env)
+    assert again.stdout.splitlines()[-1] == "Ended 0 sessions of user ann"
+
+
+def test_sessions_of_a_user_without_any(tmp_path: Path, redis_url: str) -> None:
+    env = {"REDIS_URL": redis_url, "SESSION_REDIS_PREFIX": unique("cli") + ":"}
+    result = run_cli(tmp_path, "sessions", "nobody", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "No live sessions of user nobody"
+    as_json = run_cli(tmp_path, "sessions", "--json", "nobody", env=env)
+    assert (as_json.returncode, json.loads(as_json.stdout)) == (0, [])
+    assert "Using Redis for session storage" in as_json.stderr  # how the store was chosen: not in the JSON
+
+
 # -- errors -----------------------------------------------------------------------------
 
 
@@ -231,11 +332,26 @@ def test_configuration_errors_exit_2_with_one_line(tmp_path: Path, env: dict[str
 
 def test_unreachable_forced_postgres_fails_with_one_line(tmp_path: Path) -> None:
     env = {"SESSION_STORE": "postgres", "DATABASE_URL": closed_port_url("postgresql", "cli-unreachable-pw")}
-    for command in ("check", "cleanup", "init-db"):
-        result = run_cli(tmp_path, command, env=env)
+    for command in (["check"], ["cleanup"], ["init-db"], ["sessions", "ann"], ["sessions", "--json", "ann"],
+                    ["revoke", "ann"]):  # fmt: skip
+        result = run_cli(tmp_path, *command, env=env)
         line = assert_one_line_error(result, 1)
         assert "cli-unreachable-pw" not in result.stdout + result.stderr
         assert "127.0.0.1" in line
+
+
+@pytest.mark.parametrize("command", [["sessions", "ann"], ["revoke", "ann"]], ids=["sessions", "revoke"])
+def test_user_commands_exit_2_on_bad_configuration(tmp_path: Path, command: list[str]) -> None:
+    for env in ({"SESSION_STORE": "cassandra"}, {"REDIS_URL": "redis://:cli-secret-pw@127.0.0.1:notaport/0"}):
+        result = run_cli(tmp_path, *command, env=env)
+        assert_one_line_error(result, 2)
+        assert "cli-secret-pw" not in result.stdout + result.stderr
+
+
+def test_user_commands_on_a_store_without_a_user_index_exit_2(tmp_path: Path, redis_url: str) -> None:
+    env = {"REDIS_URL": redis_url, "SESSION_FORMAT": "express", "SESSION_REDIS_PREFIX": unique("cli") + ":"}
+    for command in (["sessions", "ann"], ["revoke", "ann"]):
+        assert "express format" in assert_one_line_error(run_cli(tmp_path, *command, env=env), 2)
 
 
 def test_no_reachable_store_is_a_store_failure(tmp_path: Path) -> None:
@@ -254,11 +370,11 @@ def test_check_refuses_the_secret_the_application_would_refuse(tmp_path: Path, s
     assert says in assert_one_line_error(result, 2)
 
 
-def test_cleanup_and_init_db_need_no_secret(tmp_path: Path) -> None:
-    # They sign nothing: SESSION_SECRET unset, or set to a value the middleware would refuse.
+def test_commands_that_sign_nothing_need_no_secret(tmp_path: Path) -> None:
+    # SESSION_SECRET unset, or set to a value the middleware would refuse.
     for env in ({"SESSION_SECRET": ""}, {"SESSION_SECRET": "short"}):
-        for command in ("cleanup", "init-db"):
-            result = run_cli(tmp_path, command, env={"SESSION_SQLITE_PATH": str(tmp_path / "s.sqlite3"), **env})
+        for command in (["cleanup"], ["init-db"], ["sessions", "ann"], ["revoke", "ann"]):
+            result = run_cli(tmp_path, *command, env={"SESSION_SQLITE_PATH": str(tmp_path / "s.sqlite3"), **env})
             assert result.returncode == 0, result.stderr
 
 

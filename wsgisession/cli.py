@@ -1,13 +1,15 @@
-"""The ``wsgisession`` command: check the store the environment selects, clean it up, create its table.
+"""The ``wsgisession`` command: check the store the environment selects, clean it up, create its table,
+list and end a user's sessions.
 
-Usage: ``python -m wsgisession {check,cleanup,init-db [--sql]}``. Settings come from the same
-environment variables as the middleware. Exit status: 0 on success, 2 for a configuration
-error, 1 when the store fails (or none answers).
+Usage: ``python -m wsgisession {check,cleanup,init-db [--sql],sessions [--json] USER_ID,revoke USER_ID}``.
+Settings come from the same environment variables as the middleware. Exit status: 0 on success, 2 for a
+configuration error (or a store that cannot list a user's sessions), 1 when the store fails (or none answers).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import secrets
 import statistics
@@ -15,17 +17,20 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .builders import postgres_store
+from .core import SessionCore
 from .detection import NoStoreError, create_session_store
 from .settings import ConfigError, Settings, mask_url
 from .stores.base import SessionStore, StoreError
 
 if TYPE_CHECKING:
     from .stores.sql import SQLStore
+    from .users import Device
 
 PINGS = 5
+AGENT_WIDTH = 40  # a user agent is cut to this in the table (--json gives it whole)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,12 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args)
     except (StoreError, NoStoreError) as exc:
         return _fail(exc, 1)
-    except ConfigError as exc:
+    except (ConfigError, NotImplementedError) as exc:
         return _fail(exc, 2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The argument parser with its three subcommands."""
+    """The argument parser with its subcommands."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="wsgisession", description="Manage the wsgisession session store.")
@@ -54,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     init_db = commands.add_parser("init-db", help="create the session table of the selected SQL store")
     init_db.add_argument("--sql", action="store_true", help="print the CREATE statements instead of running them")
     init_db.set_defaults(run=init_db_command)
+    sessions = commands.add_parser("sessions", help="list a user's live sessions")
+    sessions.add_argument("user_id", metavar="USER_ID", help="the id the application logged the user in with")
+    sessions.add_argument("--json", action="store_true", help="print them as JSON (Unix times, the whole user agent)")
+    sessions.set_defaults(run=sessions_command)
+    revoke = commands.add_parser("revoke", help="end every session of a user, printing how many")
+    revoke.add_argument("user_id", metavar="USER_ID", help="the id the application logged the user in with")
+    revoke.set_defaults(run=revoke_command)
     return parser
 
 
@@ -100,6 +112,31 @@ def init_db_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def sessions_command(args: argparse.Namespace) -> int:
+    """Print a table of the user's live sessions, most recently seen first (``--json``: a JSON list,
+    with the store's selection lines on stderr so that stdout is the JSON alone)."""
+    settings = load_settings()
+    with open_store(settings, sys.stderr if args.json else sys.stdout) as store:
+        devices = SessionCore(settings, store).users.list(args.user_id)
+    if args.json:
+        fields = ("handle", "login", "seen", "expires", "agent", "ip")
+        print(json.dumps([{field: getattr(device, field) for field in fields} for device in devices], indent=2))
+    elif devices:
+        _print_table(devices)
+    else:
+        print(f"No live sessions of user {args.user_id}")
+    return 0
+
+
+def revoke_command(args: argparse.Namespace) -> int:
+    """End every session of the user; the next request of each is logged out."""
+    settings = load_settings()
+    with open_store(settings) as store:
+        ended = SessionCore(settings, store).users.end_all(args.user_id)
+    print(f"Ended {ended} session{'' if ended == 1 else 's'} of user {args.user_id}")
+    return 0
+
+
 # -- helpers -----------------------------------------------------------------------------
 
 
@@ -113,12 +150,14 @@ def load_settings() -> Settings:
 
 
 @contextmanager
-def open_store(settings: Settings) -> Iterator[SessionStore]:
-    """Select the store as the middleware would (printing the selection's log lines), without a cleanup thread."""
-    with _print_logs():
+def open_store(settings: Settings, out: TextIO | None = None) -> Iterator[SessionStore]:
+    """Select the store as the middleware would (printing the selection's log lines to ``out``, stdout by
+    default), without a cleanup thread."""
+    out = out or sys.stdout
+    with _print_logs(out):
         store = create_session_store(settings, cleanup_interval=0)
     if settings.store:
-        print(f"Selected by SESSION_STORE={settings.store}")
+        print(f"Selected by SESSION_STORE={settings.store}", file=out)
     try:
         yield store
     finally:
@@ -126,10 +165,10 @@ def open_store(settings: Settings) -> Iterator[SessionStore]:
 
 
 @contextmanager
-def _print_logs() -> Iterator[None]:
-    """Print the "wsgisession" logger's INFO and WARNING lines to stdout while selecting the store."""
+def _print_logs(out: TextIO) -> Iterator[None]:
+    """Print the "wsgisession" logger's INFO and WARNING lines to ``out`` while selecting the store."""
     logger = logging.getLogger("wsgisession")
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(_Formatter())
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
@@ -167,6 +206,27 @@ def describe(store: SessionStore, settings: Settings) -> str:
     if name == "MemoryStore":
         return f"{name} (this process only)"
     return name
+
+
+def _print_table(devices: Sequence[Device]) -> None:
+    """The devices as aligned columns, times in UTC."""
+    rows = [("HANDLE", "LOGIN (UTC)", "LAST SEEN (UTC)", "EXPIRES (UTC)", "AGENT", "IP")]
+    rows += [(device.handle, _utc(device.login), _utc(device.seen), _utc(device.expires), _cut(device.agent),
+              device.ip or "-") for device in devices]  # fmt: skip
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def _cut(agent: str) -> str:
+    """A user agent short enough for a table row; "-" for none kept."""
+    if not agent:
+        return "-"
+    return agent if len(agent) <= AGENT_WIDTH else agent[: AGENT_WIDTH - 3] + "..."
 
 
 def _sql_store(store: SessionStore) -> SQLStore | None:

@@ -25,6 +25,7 @@ from ..session import JSON, Codec, Session
 from ..settings import Settings, prefixed
 from ..signing import new_id
 from ..stores.base import SessionStore
+from ..users import UserSessions
 
 PREFIX = "wsgisession."  # of our names in Pyramid's settings
 FLASH = "_f_"  # Pyramid's own keys: a flash queue's is FLASH + its name,
@@ -119,6 +120,14 @@ def session_factory(
     variables = collections.ChainMap(prefixed(settings or {}, PREFIX), os.environ)
     loaded = Settings.load(variables, **overrides)
     return SessionFactory(SessionCore(loaded, store if store is not None else create_session_store(loaded)))
+
+
+def users(request: Any) -> UserSessions:
+    """A user's sessions (listed, ended, limited), through the request's session factory (a view's way to them)."""
+    factory = request.registry.getUtility(ISessionFactory)
+    if not isinstance(factory, SessionFactory):
+        raise TypeError(f"the session factory is {type(factory).__name__}, not wsgisession's SessionFactory")
+    return factory.users
 
 
 def includeme(config: Any) -> None:
