@@ -6,6 +6,10 @@ counts, reads the session cookie from the browser's jar, reloads, logs out, repl
 in with HTML in the name; the first check that fails ends it with a message. The script is itself checked:
 it must fail on a scratch demo broken in each of the ways it looks for.
 
+tests/browser/devices.js drives the raw WSGI demo's "your devices" page with two browser contexts as two
+devices of one user (a phone and a laptop): each lists both, ends the other, which is logged out at its next
+request.
+
 Needs /usr/bin/chromium and Node.js 20 or later with npm: ``.ci/services`` installs them.
 """
 
@@ -34,6 +38,8 @@ import pytest
 import redis
 from servers import SECRET, drop_table, free_port, require_postgres, require_redis, unique
 
+from wsgisession.formats import cookie_format
+
 BROWSER = Path(__file__).resolve().parent / "browser"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -59,7 +65,7 @@ def browser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CHROMIUM.exists() or node is None or npm is None:
         pytest.fail(f"the browser tests need {CHROMIUM} and Node.js 20+ with npm: run `bash .ci/services` as root")
     directory = tmp_path_factory.mktemp("browser")
-    for name in ("package.json", "package-lock.json", "demo.js"):
+    for name in ("package.json", "package-lock.json", "demo.js", "devices.js"):
         shutil.copy(BROWSER / name, directory / name)
     command = [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"]
     env = {**os.environ, "npm_config_update_notifier": "false"}
@@ -69,9 +75,11 @@ def browser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def drive(browser_dir: Path, url: str, options: list[str], screenshot: Path) -> tuple[int, dict[str, Any], str]:
-    """Run demo.js on ``url``: its exit code, its JSON result and what it said on stderr."""
-    command = ["node", str(browser_dir / "demo.js"), url, *options, f"--screenshot={screenshot}"]
+def drive(
+    browser_dir: Path, url: str, options: list[str], screenshot: Path, script: str = "demo.js"
+) -> tuple[int, dict[str, Any], str]:
+    """Run ``script`` (demo.js) on ``url``: its exit code, its JSON result and what it said on stderr."""
+    command = ["node", str(browser_dir / script), url, *options, f"--screenshot={screenshot}"]
     done = subprocess.run(command, cwd=browser_dir, capture_output=True, text=True, timeout=60)
     try:
         result = json.loads(done.stdout)
@@ -87,9 +95,9 @@ def demo_env(tmp_path: Path, port: int, store: str, name: str) -> dict[str, str]
     """The environment without the CI's session settings, plus a secret, a private SQLite file, and the store."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SESSION_") and k not in STORE_URLS}
     env.update(PORT=str(port), SESSION_SECRET=SECRET, SESSION_SQLITE_PATH=str(tmp_path / "sessions.sqlite3"))
-    if store == "redis":
+    if store in ("redis", "failover"):
         env.update(REDIS_URL=require_redis(), SESSION_REDIS_PREFIX=name + ":")
-    elif store == "postgres":
+    if store in ("postgres", "failover"):
         env.update(DATABASE_URL=require_postgres(), SESSION_TABLE=name)
     return env
 
@@ -142,13 +150,13 @@ def live_records(store: str, name: str, tmp_path: Path) -> int:
 
 def forget(store: str, name: str) -> None:
     """Remove what a Redis or PostgreSQL run left (an SQLite file goes with tmp_path)."""
-    if store == "redis":
+    if store in ("redis", "failover"):
         client = redis.Redis.from_url(require_redis())
         keys = list(client.scan_iter(match=name + ":*"))
         if keys:
             client.delete(*keys)
         client.close()
-    elif store == "postgres":
+    if store in ("postgres", "failover"):
         drop_table(require_postgres(), name)
 
 
@@ -186,6 +194,50 @@ def test_a_person_logs_in_counts_and_logs_out(browser_dir: Path, tmp_path: Path,
     assert "Traceback" not in output, output
     if store != "sqlite":
         assert f"Using {'Redis' if store == 'redis' else 'PostgreSQL'} for session storage" in output, output
+
+
+# -- the raw demo's "your devices" page: two browser contexts as two devices of one user -----------------------
+
+DEVICE_STEPS = 8  # what devices.js reports when it went through to the end
+
+
+def start_demo(demo: str, tmp_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """``python examples/DEMO.py`` in ``tmp_path`` with ``env``, logging to tmp_path/server.log, answering."""
+    log = tmp_path / "server.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, str(EXAMPLES / f"{demo}.py")], cwd=tmp_path, env=env,
+                                   stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until_it_answers(process, int(env["PORT"]), log)
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+@pytest.mark.parametrize("store", ["sqlite", "failover"])  # failover: Redis in front of PostgreSQL
+def test_two_devices_of_one_user_log_each_other_out(browser_dir: Path, tmp_path: Path, store: str) -> None:
+    """devices.js: a phone and a laptop log in as one user; each sees both on its devices page and ends the other,
+    which is logged out at its next request. The page shows each device's browser (SESSION_CLIENT_DETAILS=1)."""
+    port, name = free_port(), unique("devices")
+    env = {**demo_env(tmp_path, port, store, name), "SESSION_CLIENT_DETAILS": "1"}
+    process = start_demo("raw_wsgi", tmp_path, env)
+    try:
+        code, result, said = drive(browser_dir, f"http://127.0.0.1:{port}", [], tmp_path / "failure.png", "devices.js")
+        records = live_records("postgres" if store == "failover" else store, name, tmp_path)
+    finally:
+        stop(process)
+        forget(store, name)
+    output = (tmp_path / "server.log").read_text()
+    assert code == 0 and result["ok"], f"{said}({result.get('screenshot')})\nthe demo logged:\n{output[-3000:]}"
+    assert len(result["steps"]) == DEVICE_STEPS, result["steps"]
+    assert records == 1, "the phone's last session should be the only one left in the store"
+    # A handle names a session on the page only: it is neither a cookie, nor a part of one, nor a store key.
+    handles, cookies = result["handles"], result["cookies"]
+    assert len(handles) == len(set(handles)) == 2 and len(cookies) == len(set(cookies)) == 3, result
+    keys = {cookie_format("native", [SECRET]).store_key(cookie.split(".")[0]) for cookie in cookies}
+    assert not [handle for handle in handles for text in (*cookies, *keys) if handle in text]
+    assert "Traceback" not in output, output
 
 
 # -- the script fails on a demo that is wrong ------------------------------------------------------------------

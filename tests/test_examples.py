@@ -7,6 +7,8 @@ store the default one: the embedded SQLite file, here in tmp_path.
 
 from __future__ import annotations
 
+import calendar
+import html
 import http.client
 import importlib.util
 import json
@@ -15,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import ModuleType
@@ -302,6 +304,176 @@ def test_the_demo_says_which_store_it_chose(tmp_path: Path) -> None:
         _, errors = process.communicate(timeout=10)
         drop_table(require_postgres(), table)
     assert "No REDIS_URL provided, using PostgreSQL for sessions" in errors
+
+
+# -- the raw demo's "your devices" page: a user's sessions, listed and logged out ----------------------------
+
+
+@pytest.fixture
+def demo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[..., SessionMiddleware]]:
+    """examples/raw_wsgi.py's middleware on its default store (the SQLite file), imported fresh with the
+    example environment plus ``settings``."""
+    apps: list[SessionMiddleware] = []
+
+    def load(**settings: str) -> SessionMiddleware:
+        for variable in filter(is_session_setting, list(os.environ)):
+            monkeypatch.delenv(variable)
+        for variable, value in {**example_env(tmp_path), **settings}.items():
+            if is_session_setting(variable):
+                monkeypatch.setenv(variable, value)
+        apps.append(load_example("raw_wsgi", monkeypatch).app)
+        return apps[-1]
+
+    yield load
+    for app in apps:
+        app.close()
+
+
+def device(app: SessionMiddleware, agent: str = "", ip: str = "") -> webtest.TestApp:
+    """A browser on its own device: its own cookie jar, user agent and address."""
+    extra = {"HTTP_USER_AGENT": agent} if agent else {}
+    return webtest.TestApp(app, extra_environ={**extra, "REMOTE_ADDR": ip or "127.0.0.1"})
+
+
+def device_rows(page: webtest.TestResponse) -> list[dict[str, str]]:
+    """The devices page's table: per row, its class, the texts of its cells by column, and its handle."""
+    rows = []
+    for css, cells in re.findall(r'<tr class="([^"]+)">(.*?)</tr>', page.text):
+        texts = re.findall(r"<td[^>]*>(.*?)</td>", cells)
+        handle = re.search(r'name="handle" value="([^"]*)"', cells)
+        columns = ("login", "seen", "expires", "agent", "ip", "action")
+        rows.append({"class": css, **dict(zip(columns, texts, strict=True)), "handle": handle[1] if handle else ""})
+    return rows
+
+
+def devices_page(browser: webtest.TestApp) -> webtest.TestResponse:
+    page = browser.get("/devices")
+    assert page.status_int == 200 and page.content_type == "text/html"
+    return page
+
+
+def end_device(browser: webtest.TestApp, handle: str) -> webtest.TestResponse:
+    """Click the Log out button of the row with ``handle`` on this browser's devices page."""
+    page = devices_page(browser)
+    [button] = [f for f in page.forms.values() if f.action == "/devices/end" and f["handle"].value == handle]
+    return button.submit()
+
+
+def logged_in_as(browser: webtest.TestApp) -> object:
+    return browser.get("/api/session").json["user"]
+
+
+def test_the_devices_page_lists_a_users_sessions_and_marks_this_one(demo: Callable[..., SessionMiddleware]) -> None:
+    app = demo()
+    phone, laptop, other = device(app), device(app), device(app)
+    started = time.time()
+    for browser, name in ((phone, "alice"), (laptop, "alice"), (other, "bob")):
+        login(browser, name)
+    home = laptop.get("/")
+    assert '<a href="/devices">Your devices</a>' in home.text
+    page = devices_page(laptop)
+    assert "Where <b>alice</b> is logged in" in page.text
+    rows = device_rows(page)
+    assert [row["class"] for row in rows].count("device current") == 1 and len(rows) == 2  # not bob's
+    mine = next(row for row in rows if row["class"] == "device current")
+    assert mine["action"] == "<b>This device</b>" and mine["handle"] == ""  # no button to log itself out
+    [theirs] = [row for row in rows if row is not mine]
+    assert re.fullmatch("[0-9a-f]{32}", theirs["handle"])
+    for row in rows:  # human-readable UTC: logged in and seen just now, expiring in a day
+        login_time = calendar.timegm(time.strptime(row["login"], "%Y-%m-%d %H:%M:%S"))
+        assert started - 2 <= login_time <= time.time() + 1
+        assert row["seen"] == row["login"]
+        expires = calendar.timegm(time.strptime(row["expires"], "%Y-%m-%d %H:%M:%S"))
+        assert abs(expires - (login_time + MAX_AGE)) <= 2
+        assert (row["agent"], row["ip"]) == ("-", "-")  # not kept unless SESSION_CLIENT_DETAILS is on
+    assert "kept only with SESSION_CLIENT_DETAILS=1" in page.text
+    # A handle names a session to its user only: it is no cookie, nor part of one.
+    cookies = [browser.cookies["session"] for browser in (phone, laptop, other)]
+    assert not any(theirs["handle"] in cookie for cookie in cookies)
+    assert with_cookie(app, theirs["handle"]).json == {"user": None, "count": 0}
+    # bob sees his own device only; a visitor without a session is sent home.
+    assert [row["class"] for row in device_rows(devices_page(other))] == ["device current"]
+    visitor = device(app).get("/devices")
+    assert visitor.status_int == 303 and visitor.headers["Location"].endswith("/")
+
+
+def test_a_device_logged_out_from_another_is_logged_out_at_its_next_request(
+    demo: Callable[..., SessionMiddleware],
+) -> None:
+    app = demo()
+    phone, laptop = device(app), device(app)
+    login(phone, "alice")
+    phone.post("/counter")
+    login(laptop, "alice")
+    [phone_row] = [row for row in device_rows(devices_page(laptop)) if row["handle"]]
+    ended = end_device(laptop, phone_row["handle"])
+    assert ended.status_int == 303 and ended.headers["Location"].endswith("/devices?ended=1")
+    page = laptop.get(ended.headers["Location"])
+    assert "Logged out 1 session(s)." in page.text
+    assert [row["class"] for row in device_rows(page)] == ["device current"]
+    assert logged_in_as(laptop) == "alice"
+    # The phone's next request: logged out, its cookie expired; it no longer reaches the devices page.
+    home = phone.get("/")
+    assert 'name="username"' in home.text and "Count: 0" in home.text
+    assert phone.cookies == {}
+    assert phone.get("/devices").status_int == 303
+    # The same handle again ends nothing.
+    again = laptop.post("/devices/end", {"handle": phone_row["handle"]})
+    assert again.headers["Location"].endswith("/devices?ended=0")
+
+
+def test_only_the_users_own_sessions_can_be_ended_and_only_by_post(demo: Callable[..., SessionMiddleware]) -> None:
+    app = demo()
+    phone, laptop, mallory = device(app), device(app), device(app)
+    login(phone, "alice")
+    login(laptop, "alice")
+    login(mallory, "mallory")
+    [phone_row] = [row for row in device_rows(devices_page(laptop)) if row["handle"]]
+    # Another user who learns a handle ends nothing with it; nor does a visitor, nor a GET (a link, an image).
+    stolen = mallory.post("/devices/end", {"handle": phone_row["handle"]})
+    assert stolen.headers["Location"].endswith("/devices?ended=0")
+    assert device(app).post("/devices/end", {"handle": phone_row["handle"]}).headers["Location"].endswith("/")
+    assert device(app).post("/devices/others").headers["Location"].endswith("/")
+    laptop.get("/devices/end", {"handle": phone_row["handle"]}, status=404)
+    laptop.get("/devices/others", status=404)
+    assert logged_in_as(phone) == logged_in_as(laptop) == "alice"
+    assert len(device_rows(devices_page(laptop))) == 2
+    # A forged ?ended= shows nothing of what it says.
+    forged = laptop.get("/devices", {"ended": "<script>x</script>"})
+    assert "<script>" not in forged.text and 'class="message"' not in forged.text
+
+
+def test_log_out_everywhere_else_keeps_only_this_device(demo: Callable[..., SessionMiddleware]) -> None:
+    app = demo()
+    browsers = [device(app) for _ in range(4)]
+    for browser in browsers:
+        login(browser, "alice")
+    bob = device(app)
+    login(bob, "bob")
+    kept = browsers[2]
+    page = devices_page(kept)
+    [everywhere] = [f for f in page.forms.values() if f.action == "/devices/others"]
+    response = everywhere.submit()
+    assert response.status_int == 303 and response.headers["Location"].endswith("/devices?ended=3")
+    page = kept.get(response.headers["Location"])
+    assert "Logged out 3 session(s)." in page.text
+    assert [row["class"] for row in device_rows(page)] == ["device current"]
+    assert [logged_in_as(browser) for browser in browsers] == [None, None, "alice", None]
+    assert logged_in_as(bob) == "bob"  # another user's sessions are not touched
+
+
+def test_the_devices_page_shows_browser_and_ip_when_kept_as_text(demo: Callable[..., SessionMiddleware]) -> None:
+    app = demo(SESSION_CLIENT_DETAILS="1")
+    agent = 'Phone/1.0 <img src=x onerror="alert(1)"> & co'
+    phone, laptop = device(app, agent, "10.1.2.3"), device(app, "Laptop/2.0", "192.0.2.7")
+    login(phone, "<b>alice</b>")
+    login(laptop, "<b>alice</b>")
+    page = devices_page(laptop)
+    assert "<img" not in page.text and "<b>alice</b>" not in page.text
+    assert "Where <b>&lt;b&gt;alice&lt;/b&gt;</b> is logged in" in page.text
+    shown = {(row["agent"], row["ip"], row["class"]) for row in device_rows(page)}
+    assert shown == {(html.escape(agent), "10.1.2.3", "device"), ("Laptop/2.0", "192.0.2.7", "device current")}
+    assert "SESSION_CLIENT_DETAILS" not in page.text
 
 
 # -- the Pyramid example: request.session, with flash messages and CSRF tokens on its forms --------------

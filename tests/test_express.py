@@ -563,6 +563,7 @@ def test_python_writes_the_document_express_session_writes(servers: Servers) -> 
         # connect-pg-simple rounds it up to the second).
         assert abs(iso_seconds(documents[server.side]["cookie"]["expires"]) - expires) < 1.5
     from_node, from_python = documents["node"], documents["python"]
+    assert from_python.pop("wsgisession.user")["id"] == "carol"  # the Python demo's login binds the session
     assert list(from_python) == list(from_node) == ["cookie", "user"]
     assert list(from_python["cookie"]) == list(from_node["cookie"])
     assert from_python["cookie"].pop("originalMaxAge") == DAY_MS  # exact; Node's may be a ms short
