@@ -56,9 +56,9 @@ class UserSessions:
         devices = [_device(record, record.key == mine) for record in self._core.store.user_sessions(str(user_id))]
         return sorted(devices, key=lambda device: -device.seen)
 
-    def end(self, user_id: str | int, handle_: str) -> bool:
-        """End the user's session named by ``handle_``; False when the user has none such (any longer)."""
-        keys = [record.key for record in self._core.store.user_sessions(str(user_id)) if handle(record.key) == handle_]
+    def end(self, user_id: str | int, which: str) -> bool:
+        """End the user's session whose handle is ``which``; False when the user has none such (any longer)."""
+        keys = [record.key for record in self._core.store.user_sessions(str(user_id)) if handle(record.key) == which]
         self._core.store.delete_many(keys)
         return bool(keys)
 

@@ -193,10 +193,31 @@ class FailoverStore(SessionStore):
         return self.cache.user_sessions(user)
 
     def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
-        """Chosen by the durable store (the cache's only while it is away); ended in both."""
-        ended = beyond_limit(self.user_sessions(user), limit, keep)
+        """Chosen and ended by the durable store, the authority (in one round trip where it can), then
+        dropped from the cache; while the durable store is away, the cache's choice, ended in both."""
+        self._first_use()
+        if self.durable_health.up:
+            try:
+                ended = self.durable.trim_user(user, limit, keep)
+            except StoreError as exc:
+                self._durable_failed(exc)
+            else:
+                self._drop_from_cache(ended)
+                return ended
+        ended = beyond_limit(self.cache.user_sessions(user), limit, keep)
         self.delete_many(ended)
         return ended
+
+    def _drop_from_cache(self, keys: Sequence[str]) -> None:
+        """Delete the cache's copies of sessions the durable store ended (marked, if the cache misses it)."""
+        if not keys:
+            return
+        with self._gate.write():
+            dropped, _ = self._write_cache(lambda cache: cache.delete_many(keys))
+            if not dropped:
+                for key in keys:
+                    self._repair.mark(key)
+                self._around.touch()
 
     def _write(
         self,
