@@ -6,11 +6,13 @@ from .middleware import SessionMiddleware
 from .session import Loaded, Session, SessionTooLarge, SessionValueError
 from .settings import ConfigError, Settings
 from .stores import MemoryStore, SessionStore, SQLiteStore, StoreError
+from .users import Device, UserSessions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Device",
     "Loaded",
     "MemoryStore",
     "SQLiteStore",
@@ -22,6 +24,7 @@ __all__ = [
     "SessionValueError",
     "Settings",
     "StoreError",
+    "UserSessions",
     "__version__",
     "create_session_store",
 ]
