@@ -346,10 +346,12 @@ class FailoverStore(SessionStore):
     # -- the probe -----------------------------------------------------------------------
 
     def _check(self) -> None:
-        """Every probe interval: check the cache (and drain the marks), then a durable store that is away."""
-        self._check_cache()
+        """Every probe interval: a durable store that is away, then the cache (and drain the marks). In
+        this order, a cache back from an outage of both is not read while the durable store it misses
+        sessions for is back but not yet known to be."""
         if not self.durable_health.up:
             self._durable_returns()
+        self._check_cache()
 
     def _check_cache(self) -> None:
         health = self.cache_health
