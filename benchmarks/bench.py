@@ -204,20 +204,27 @@ def paired(a: Timing | Load, b: Timing | Load) -> float:
 
 def in_process(variants: list[Variant], rounds: int, batch_s: float, min_calls: int) -> dict[tuple[str, str], Timing]:
     """Median µs per request of each (variant, workload)."""
-    items = [(v, w) for v in variants for w in WORKLOADS]
-    environs = {(v.key, w): prepared(v, w) for v, w in items}
-    calls = {}
-    for v, w in items:  # warm up, and size the batches
-        environ = environs[v.key, w]
-        batch(v.app, environ, 20)
-        calls[v.key, w] = max(min_calls, min(200_000, int(batch_s / batch(v.app, environ, 50)[0])))
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {(v.key, w): [] for v, w in items}
+    calls = {(v.key, w): (v.app, prepared(v, w)) for v in variants for w in WORKLOADS}
+    return time_rounds(calls, rounds, batch_s, min_calls)
+
+
+def time_rounds(
+    calls: dict[tuple[str, str], tuple[WSGIApplication, dict[str, Any]]], rounds: int, batch_s: float, min_calls: int
+) -> dict[tuple[str, str], Timing]:
+    """Each (app, environ): warmed up, then timed in batches of about ``batch_s`` seconds (at least
+    ``min_calls`` calls), once per round in a shuffled order; the median µs per call and each round's."""
+    sizes = {}
+    for key, (app, environ) in calls.items():  # warm up, and size the batches
+        batch(app, environ, 20)
+        sizes[key] = max(min_calls, min(200_000, int(batch_s / batch(app, environ, 50)[0])))
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in calls}
     for r in range(rounds):
-        order = items[:]
+        order = list(calls)
         random.Random(r).shuffle(order)
         print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for v, w in order:
-            times[v.key, w].append(batch(v.app, environs[v.key, w], calls[v.key, w]))
+        for key in order:
+            app, environ = calls[key]
+            times[key].append(batch(app, environ, sizes[key]))
     result = {}
     for k, t in times.items():
         wall = [x * 1e6 for x, _ in t]

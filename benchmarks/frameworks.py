@@ -52,7 +52,6 @@ import cProfile
 import io
 import os
 import pstats
-import random
 import statistics
 import sys
 import time
@@ -62,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 import framework_apps
 import redis
-from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call  # bench sets the environment the apps read
+from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call, time_rounds  # sets the apps' environment
 from common import drop_run_tables, loopback_only, print_table, remove_from_redis
 from werkzeug.test import create_environ
 
@@ -177,33 +176,8 @@ def environ(variant: Variant, workload: str) -> dict[str, Any]:
 
 def in_process(variants: list[Variant], rounds: int, batch_s: float, min_calls: int) -> Timings:
     """Per (variant, workload): the median µs per request, and each round's."""
-    items = [(v, w) for v in variants for w in WORKLOADS]
-    environs = {(v.key, w): environ(v, w) for v, w in items}
-    calls = {}
-    for v, w in items:  # warm up, and size the batches
-        batch(v.app, environs[v.key, w], 20)
-        calls[v.key, w] = max(min_calls, min(200_000, int(batch_s / batch(v.app, environs[v.key, w], 50)[0])))
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {(v.key, w): [] for v, w in items}
-    for r in range(rounds):
-        order = items[:]
-        random.Random(r).shuffle(order)
-        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
-        for v, w in order:
-            times[v.key, w].append(batch(v.app, environs[v.key, w], calls[v.key, w]))
-    result = {}
-    for k, t in times.items():
-        wall = [x * 1e6 for x, _ in t]
-        median = statistics.median(wall)
-        result[k] = Timing(median, statistics.median(c for _, c in t) * 1e6, spread(wall, median), wall)
-    return result
-
-
-def spread(values: list[float], scale: float) -> float:
-    """The interquartile range of ``values``, in % of ``scale``."""
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4)
-    return 100 * (q[2] - q[0]) / abs(scale) if scale else 0.0
+    calls = {(v.key, w): (v.app, environ(v, w)) for v in variants for w in WORKLOADS}
+    return time_rounds(calls, rounds, batch_s, min_calls)
 
 
 @dataclass
