@@ -327,14 +327,14 @@ def test_listing_and_trimming_use_the_index_among_many_users(
         conn = sqlite3.connect(store.path)
         if analyzed:
             conn.execute("ANALYZE")
-        for sql, params in [(store._sql_user_sessions, (user, time.time())),
+        for sql, params in [(store._sql_user_sessions, (user,)),
                             (store._sql_beyond, (user, time.time(), None, 2))]:  # fmt: skip
             plans.append(str(conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()))
         conn.close()
     else:
         if analyzed:
             pg_sql(store.dsn, f"ANALYZE {store.table}")
-        for sql, params in [(store._sql_user_sessions, (user, time.time())),
+        for sql, params in [(store._sql_user_sessions, (user,)),
                             (store._sql_trim_user, (user, time.time(), None, 2))]:  # fmt: skip
             plans.append(str(pg_sql(store.dsn, f"EXPLAIN {sql}", params)))
     full_scan = "SCAN " if isinstance(store, SQLiteStore) else "Seq Scan"

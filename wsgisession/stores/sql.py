@@ -188,10 +188,12 @@ class SQLStore(DurableStore):
         self.stale_table = f"{t}_stale"
         self._sql_mark = f"INSERT INTO {self.stale_table} (key) VALUES ({p})"
         self._sql_stale = f"SELECT mark, key FROM {self.stale_table} ORDER BY mark LIMIT {p}"
-        # A user's live sessions, found through the index of the bound user's id (see schema()); those
-        # beyond a limit, ranked as base.recency ranks them, the one to keep first.
-        users = f"{self.bound_id(d)} = {p} AND {e} > {ts}"
-        self._sql_user_sessions = f"SELECT {i}, {self.binding(d)}, {self.epoch(e)} FROM {t} WHERE {users}"
+        # A user's sessions, found through the index of the bound user's id (see schema()): expiry is
+        # checked in Python, as for a load (with it, a planner without statistics yet also scans the
+        # expiry index); those beyond a limit, ranked as base.recency ranks them, the one to keep first.
+        bound = f"{self.bound_id(d)} = {p}"
+        users = f"{bound} AND {e} > {ts}"
+        self._sql_user_sessions = f"SELECT {i}, {self.binding(d)}, {self.epoch(e)} FROM {t} WHERE {bound}"
         seen, login, last = self.binding_field(d, "seen"), self.binding_field(d, "login"), self.nulls_last
         ranked = f"({i} = {p}) DESC, {seen} DESC{last}, {login} DESC{last}, {e} DESC"
         self._sql_beyond = f"SELECT {i} FROM {t} WHERE {users} ORDER BY {ranked} {self.offset} {p}"
@@ -336,16 +338,16 @@ class SQLStore(DurableStore):
             rows = self._user_rows(user)
         except ConnectionLost:
             rows = self._user_rows(user)
-        found = []
+        found, t = [], now()
         for key, text, expires in rows:
             binding = json_value(text)
-            if bound_user({USER_KEY: binding}) == user:
+            if float(expires) > t and bound_user({USER_KEY: binding}) == user:
                 found.append(UserRecord(key, binding, float(expires)))
         return found
 
     def _user_rows(self, user: str) -> list[Any]:
         with self._cursor() as cur:
-            cur.execute(self._sql_user_sessions, (user, now()))
+            cur.execute(self._sql_user_sessions, (user,))
             return list(cur.fetchall())
 
     def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
