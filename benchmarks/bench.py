@@ -86,7 +86,7 @@ sys.path.insert(0, str(HERE))
 
 import apps  # noqa: E402 - reads the environment set above when it builds an app
 import redis  # noqa: E402
-from common import drop_run_tables, loopback_only, print_table, remove_from_redis  # noqa: E402
+from common import close_all, drop_run_tables, loopback_only, print_table, remove_from_redis, run_keys  # noqa: E402
 from werkzeug.test import create_environ, run_wsgi_app  # noqa: E402
 
 if TYPE_CHECKING:
@@ -235,17 +235,20 @@ def time_rounds(
 
 
 def profile(variant: Variant, workload: str, calls: int) -> None:
-    environ = prepared(variant, workload)
-    batch(variant.app, environ, 200)
+    profile_calls(variant.app, prepared(variant, workload), calls, f"{variant.library} {variant.store} /{workload}")
+
+
+def profile_calls(app: WSGIApplication, environ: dict[str, Any], calls: int, title: str) -> None:
+    """Print cProfile's tables (by own time, by cumulative time) of ``calls`` calls of ``app``."""
+    batch(app, environ, 200)
     profiler = cProfile.Profile()
     profiler.enable()
-    batch(variant.app, environ, calls)
+    batch(app, environ, calls)
     profiler.disable()
-    for title, sort, restrict in (("by own time", "tottime", 30), ("by cumulative time", "cumulative", 40)):
+    for order, sort, restrict in (("by own time", "tottime", 30), ("by cumulative time", "cumulative", 45)):
         out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats(sort).print_stats(restrict)
-        print(f"\n{variant.library} {variant.store} /{workload}, {calls} calls, {title}:")
+        pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(restrict)
+        print(f"\n{title}, {calls} calls, {order}:")
         print(out.getvalue().split("\n", 6)[-1])
 
 
@@ -500,14 +503,10 @@ def report(
 
 
 def cleanup(variants: list[Variant]) -> None:
-    for v in variants:
-        try:
-            v.close()
-        except Exception as exc:  # clean up the rest anyway
-            print(f"closing {v.key} failed: {exc}", file=sys.stderr)
+    close_all((v.key, v.close) for v in variants)
+    keys = run_keys(REDIS_URL, RUN)
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=f"bench_{RUN}_*", count=1000))
         # Beaker names its keys by session id alone: beaker_cache:<id>:session (and beaker_lock:...);
         # its signed cookie value ends with the id.
         beaker = [c.partition("=")[2] for v in variants if v.library == "Beaker" for c in v.cookies]

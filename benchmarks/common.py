@@ -4,7 +4,7 @@ clean-up of what a run left in Redis and PostgreSQL."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -59,3 +59,21 @@ def drop_run_tables(url: str, run: str, schemas: Sequence[str] = ()) -> None:
                 cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         conn.close()
+
+
+def close_all(closers: Iterable[tuple[str, Callable[[], object]]]) -> None:
+    """Call each (name, close); one that fails is reported on stderr and the rest still run."""
+    for name, close in closers:
+        try:
+            close()
+        except Exception as exc:  # clean up the rest anyway
+            print(f"closing {name} failed: {exc}", file=sys.stderr)
+
+
+def run_keys(url: str, run: str) -> list[bytes]:
+    """The Redis keys of this run (named ``bench_<run>_...``)."""
+    client = redis.Redis.from_url(url)
+    try:
+        return list(client.scan_iter(match=f"bench_{run}_*", count=1000))
+    finally:
+        client.close()

@@ -48,10 +48,7 @@ login writes a record to its own store (and to no other variant's).
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -60,9 +57,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import framework_apps
-import redis
-from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call, time_rounds  # sets the apps' environment
-from common import drop_run_tables, loopback_only, print_table, remove_from_redis
+from bench import (  # sets the apps' environment
+    DATABASE_URL,
+    REDIS_URL,
+    RUN,
+    Timing,
+    call,
+    paired,
+    profile_calls,
+    time_rounds,
+)
+from common import close_all, drop_run_tables, loopback_only, print_table, remove_from_redis, run_keys
 from werkzeug.test import create_environ
 
 from wsgisession import SessionCore, Settings
@@ -205,23 +210,9 @@ def over(a: Timing, b: Timing) -> Paired:
     return Paired.of([x - y for x, y in zip(a.rounds, b.rounds, strict=True)])
 
 
-def ratio(a: Timing, b: Timing) -> float:
-    """``a`` over ``b``: the median of the rounds' ratios."""
-    return statistics.median(x / y for x, y in zip(a.rounds, b.rounds, strict=True))
-
-
 def profile(variant: Variant, workload: str, calls: int) -> None:
-    request = environ(variant, workload)
-    batch(variant.app, request, 200)
-    profiler = cProfile.Profile()
-    profiler.enable()
-    batch(variant.app, request, calls)
-    profiler.disable()
-    for title, sort, restrict in (("by own time", "tottime", 30), ("by cumulative time", "cumulative", 45)):
-        out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats(sort).print_stats(restrict)
-        print(f"\n{variant.library} in {variant.framework} on {variant.store} /{workload}, {calls} calls, {title}:")
-        print(out.getvalue().split("\n", 6)[-1])
+    title = f"{variant.library} in {variant.framework} on {variant.store} /{workload}"
+    profile_calls(variant.app, environ(variant, workload), calls, title)
 
 
 # -- the report --------------------------------------------------------------------------
@@ -251,7 +242,7 @@ def report(variants: list[Variant], timings: Timings) -> list[str]:
             plus = f"{over(t, bare).median:+.1f}" if v.sessions and bare else ""
             peers = peers_of(v, variants)
             best = min(peers, key=lambda p: timings[p.key, w].us) if peers else None
-            xpeer = f"{ratio(t, timings[best.key, w]):.2f}" if best else ""
+            xpeer = f"{paired(t, timings[best.key, w]):.2f}" if best else ""
             rows.append([w, v.framework, v.library, v.store, f"{t.us:.1f}", f"{t.spread:.0f}", f"{t.cpu_us:.1f}",
                          plus, xpeer, best.library if best else ""])  # fmt: skip
     print_table(header, rows, 4, groups=True)
@@ -319,19 +310,10 @@ def deltas(timings: Timings, a: str, b: str, workload: str) -> list[float]:
 
 def cleanup(variants: list[Variant]) -> None:
     """Close every app's connections; remove this run's keys, tables and schema."""
-    for v in variants:
-        try:
-            v.close()
-        except Exception as exc:  # clean up the rest anyway
-            print(f"closing {v.key} failed: {exc}", file=sys.stderr)
+    close_all((v.key, v.close) for v in variants)
     if "django" in sys.modules:
         framework_apps.close_django()
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"bench_{RUN}_*", count=1000))
-    finally:
-        client.close()
-    remove_from_redis(REDIS_URL, keys)
+    remove_from_redis(REDIS_URL, run_keys(REDIS_URL, RUN))
     drop_run_tables(DATABASE_URL, RUN, [f"bench_{RUN}_{framework_apps.DJANGO_SCHEMA}"])
 
 

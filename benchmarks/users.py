@@ -58,7 +58,7 @@ import psycopg2
 import psycopg2.extensions
 import redis
 from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call, paired
-from common import drop_run_tables, loopback_only, print_table, remove_from_redis
+from common import close_all, drop_run_tables, loopback_only, print_table, remove_from_redis, run_keys
 from werkzeug.test import create_environ
 
 from wsgisession import SessionMiddleware
@@ -452,17 +452,8 @@ def rst(items: list[Item]) -> str:
 
 
 def cleanup(stores: list[SessionStore], workdir: str) -> None:
-    for store in stores:
-        try:
-            store.close()
-        except Exception as exc:  # clean up the rest anyway
-            print(f"closing {store.name} failed: {exc}", file=sys.stderr)
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"bench_{RUN}_*", count=1000))
-    finally:
-        client.close()
-    remove_from_redis(REDIS_URL, keys)
+    close_all((store.name, store.close) for store in stores)
+    remove_from_redis(REDIS_URL, run_keys(REDIS_URL, RUN))
     drop_run_tables(DATABASE_URL, RUN)
     shutil.rmtree(workdir, ignore_errors=True)
 
