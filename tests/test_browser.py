@@ -65,7 +65,7 @@ def browser_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not CHROMIUM.exists() or node is None or npm is None:
         pytest.fail(f"the browser tests need {CHROMIUM} and Node.js 20+ with npm: run `bash .ci/services` as root")
     directory = tmp_path_factory.mktemp("browser")
-    for name in ("package.json", "package-lock.json", "demo.js", "devices.js"):
+    for name in ("package.json", "package-lock.json", "harness.js", "demo.js", "devices.js"):
         shutil.copy(BROWSER / name, directory / name)
     command = [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"]
     env = {**os.environ, "npm_config_update_notifier": "false"}

@@ -13,18 +13,12 @@
 "use strict";
 
 const { parseArgs } = require("node:util");
-const { chromium } = require("playwright-core");
+const { TIMEOUT_MS, check, crashed, drive } = require("./harness");
 
-const CHROMIUM = "/usr/bin/chromium";
 const NAME = "Zoë"; // typed into the form: a non-ASCII name must come back as typed
 const HTML_NAME = "<b>x</b>";
-const TIMEOUT_MS = 5000;
 
-class CheckFailed extends Error {}
-
-function check(condition, message) {
-  if (!condition) throw new CheckFailed(message);
-}
+let lastPage = null; // the page to show when a check fails
 
 function options() {
   const { values, positionals } = parseArgs({
@@ -105,7 +99,7 @@ async function run(opts, browser, result) {
   const context = await browser.newContext();
   const page = await context.newPage();
   page.setDefaultTimeout(TIMEOUT_MS);
-  result.page = page;
+  lastPage = page;
   const step = (name, detail) => result.steps.push(detail === undefined ? name : { [name]: detail });
 
   await navigate(page, base, "open /", () => page.goto(`${base}/`));
@@ -200,32 +194,6 @@ async function run(opts, browser, result) {
   await context.close();
 }
 
-async function main() {
-  const opts = options();
-  const result = { ok: false, url: opts.base, steps: [] };
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
-  result.browser = browser.version();
-  try {
-    await run(opts, browser, result);
-    result.ok = true;
-  } catch (error) {
-    result.error = error instanceof CheckFailed ? error.message : String(error.stack || error);
-    if (opts.screenshot && result.page) {
-      await result.page.screenshot({ path: opts.screenshot, fullPage: true }).catch(() => {});
-      result.screenshot = opts.screenshot;
-    }
-  } finally {
-    delete result.page;
-    await browser.close();
-  }
-  process.stdout.write(JSON.stringify(result) + "\n");
-  if (!result.ok) {
-    process.stderr.write(`${opts.base}: failed after ${result.steps.length} step(s): ${result.error}\n`);
-    process.exitCode = 1;
-  }
-}
-
-main().catch((error) => {
-  process.stderr.write(`${error.stack || error}\n`);
-  process.exitCode = 2;
-});
+const opts = options();
+drive(opts.base, opts.screenshot, { ok: false, url: opts.base, steps: [] }, (browser, result) => run(opts, browser, result),
+  () => lastPage).catch(crashed);

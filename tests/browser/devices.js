@@ -13,24 +13,16 @@
 "use strict";
 
 const { parseArgs } = require("node:util");
-const { chromium } = require("playwright-core");
+const { TIMEOUT_MS, check, crashed, drive } = require("./harness");
 
-const CHROMIUM = "/usr/bin/chromium";
 const COOKIE = "session";
-const TIMEOUT_MS = 5000;
 // Two devices, told apart by their user agents; the phone's has HTML in it, which must show as text.
 const AGENTS = {
   phone: "Mozilla/5.0 (Linux; Android 14) demo-phone <i>Mobile</i>",
   laptop: "Mozilla/5.0 (X11; Linux x86_64) demo-laptop",
 };
 
-class CheckFailed extends Error {}
-
 let lastPage = null; // the page of the last navigation: the one to show when a check fails
-
-function check(condition, message) {
-  if (!condition) throw new CheckFailed(message);
-}
 
 function options() {
   const { values, positionals } = parseArgs({
@@ -201,31 +193,6 @@ async function run(opts, browser, result) {
   for (const device of Object.values(devices)) await device.context.close();
 }
 
-async function main() {
-  const opts = options();
-  const result = { ok: false, url: opts.base, steps: [], handles: [], cookies: [] };
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
-  result.browser = browser.version();
-  try {
-    await run(opts, browser, result);
-    result.ok = true;
-  } catch (error) {
-    result.error = error instanceof CheckFailed ? error.message : String(error.stack || error);
-    if (opts.screenshot && lastPage !== null) {
-      await lastPage.screenshot({ path: opts.screenshot, fullPage: true }).catch(() => {});
-      result.screenshot = opts.screenshot;
-    }
-  } finally {
-    await browser.close();
-  }
-  process.stdout.write(JSON.stringify(result) + "\n");
-  if (!result.ok) {
-    process.stderr.write(`${opts.base}: failed after ${result.steps.length} step(s): ${result.error}\n`);
-    process.exitCode = 1;
-  }
-}
-
-main().catch((error) => {
-  process.stderr.write(`${error.stack || error}\n`);
-  process.exitCode = 2;
-});
+const opts = options();
+const result = { ok: false, url: opts.base, steps: [], handles: [], cookies: [] };
+drive(opts.base, opts.screenshot, result, (browser) => run(opts, browser, result), () => lastPage).catch(crashed);
