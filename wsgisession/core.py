@@ -13,7 +13,7 @@ import logging
 import math
 import threading
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from werkzeug.http import http_date
 
@@ -61,8 +61,17 @@ class SessionCore:
     def open(self, cookie_header: str | None, agent: str | None = None, ip: str | None = None) -> Visit:
         """A request's visit, from its Cookie header (and its user agent and IP, kept at a login when
         SESSION_CLIENT_DETAILS is on); nothing is read until the session is used."""
-        client = {"agent": agent or "", "ip": ip or ""} if self.settings.client_details else {}
-        return Visit(self, cookie_header, client)
+        return Visit(self, cookie_header, self.client(agent, ip))
+
+    def client(self, agent: str | None, ip: str | None) -> dict[str, str]:
+        """What a login keeps of where it came from: the user agent and IP, if SESSION_CLIENT_DETAILS is on."""
+        return {"agent": agent or "", "ip": ip or ""} if self.settings.client_details else {}
+
+    def seen(self, binding: dict[str, Any], due: bool = False) -> dict[str, Any] | None:
+        """``binding`` with this moment as "seen", when a write of its session should record it (``due``,
+        a refresh, or a refresh interval since the last one); else None."""
+        t = time.time()
+        return {**binding, "seen": int(t)} if due or t - binding.get("seen", 0) >= self.refresh_after else None
 
     def session(self, visit: Visit) -> Session:
         """A lazy :class:`Session` for ``visit`` (a front door may build a subclass the same way)."""
@@ -183,10 +192,9 @@ class SessionCore:
         changes, ttl = session.changes(), self.ttl(created)
         resign = not cookie.current  # signed with an older secret
         due = resign or (refresh and ttl - ((session.expires or 0) - time.time()) >= self.refresh_after)
-        if binding is not None and (due or time.time() - binding.get("seen", 0) >= self.refresh_after):
-            # a bound session's writes say when it was last seen (to within the refresh interval)
-            seen = encode(USER_KEY, {**binding, "seen": int(time.time())})
-            changes = Changes({**changes.set, USER_KEY: seen}, changes.deleted)
+        seen = None if binding is None else self.seen(binding, due)
+        if seen is not None:  # a bound session's writes say when it was last seen (to within the refresh interval)
+            changes = Changes({**changes.set, USER_KEY: encode(USER_KEY, seen)}, changes.deleted)
         if changes.set or changes.deleted:
             self.check_size(session.texts(changes))
             extended = store.update(key, changes, ttl)
