@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -101,19 +101,7 @@ class Settings:
 
     def check(self) -> None:
         """Raise :class:`ConfigError` for any value that cannot work."""
-        if not self.secrets:
-            raise ConfigError(
-                f"SESSION_SECRET is empty. Set it to a long random string, for example: {GENERATE_SECRET}"
-            )
-        for position, secret in enumerate(self.secrets, 1):
-            where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(self.secrets) > 1 else "")
-            if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
-                raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {GENERATE_SECRET}")
-            if len(secret) < MIN_SECRET_LENGTH:
-                raise ConfigError(
-                    f"{where} is too short ({len(secret)} characters; at least {MIN_SECRET_LENGTH} random ones "
-                    f"are needed). Generate one with: {GENERATE_SECRET}"
-                )
+        check_secrets(self.secrets)
         if self.max_age <= 0 or self.absolute_timeout <= 0:
             raise ConfigError("SESSION_MAX_AGE and SESSION_ABSOLUTE_TIMEOUT must be positive")
         if self.max_per_user < 0:
@@ -150,6 +138,40 @@ class Settings:
                 "SESSION_STORE_TIMEOUT, SESSION_PROBE_INTERVAL and SESSION_LATENCY_BUDGET must be positive, "
                 "SESSION_CLEANUP_INTERVAL not negative"
             )
+
+
+def check_secrets(secrets: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless every secret is long and random enough."""
+    if not secrets:
+        raise ConfigError(f"SESSION_SECRET is empty. Set it to a long random string, for example: {GENERATE_SECRET}")
+    for position, secret in enumerate(secrets, 1):
+        where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(secrets) > 1 else "")
+        if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
+            raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {GENERATE_SECRET}")
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise ConfigError(
+                f"{where} is too short ({len(secret)} characters; at least {MIN_SECRET_LENGTH} random ones "
+                f"are needed). Generate one with: {GENERATE_SECRET}"
+            )
+
+
+def framework_secrets(framework: str, key: Any, fallbacks: Iterable[Any]) -> list[str]:
+    """A framework's SECRET_KEY then its SECRET_KEY_FALLBACKS (the first signs, all verify), for when
+    SESSION_SECRET is not set: checked as SESSION_SECRET is, with messages that say where they came from."""
+    if not key:
+        raise ConfigError(
+            f"Neither SESSION_SECRET nor SECRET_KEY is set: {framework}'s session cookies need a secret. "
+            f"Set one to a long random string, for example: {GENERATE_SECRET}"
+        )
+    secrets = [k.hex() if isinstance(k, bytes) else str(k) for k in (key, *fallbacks)]
+    try:
+        check_secrets(secrets)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"SESSION_SECRET is not set, so {framework}'s SECRET_KEY (then SECRET_KEY_FALLBACKS) signs the "
+            f"session cookies, and it is refused: {exc}"
+        ) from None
+    return secrets
 
 
 def _milliseconds(raw: str) -> float:

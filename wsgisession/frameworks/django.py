@@ -27,7 +27,7 @@ from django.contrib.sessions.backends.base import SessionBase, UpdateError  # ty
 from ..core import Identity, SessionCore
 from ..detection import create_session_store
 from ..session import SessionValueError
-from ..settings import ConfigError, Settings
+from ..settings import Settings, framework_secrets
 from ..stores.base import USER_KEY, Changes, StoreError
 from ..users import UserSessions
 
@@ -80,15 +80,8 @@ def load_settings() -> Settings:
     given = ChainMap(dict(getattr(django_settings, "WSGISESSION", {})), os.environ)
     if given.get("SESSION_SECRET"):
         return Settings.load(given)
-    try:
-        return Settings.load(given, secret=[django_settings.SECRET_KEY, *django_settings.SECRET_KEY_FALLBACKS])
-    except ConfigError as exc:
-        if "SESSION_SECRET" not in str(exc):
-            raise
-        raise ConfigError(
-            "No SESSION_SECRET is set, so Django's SECRET_KEY (then SECRET_KEY_FALLBACKS) signs the session "
-            f"cookies, under the same rules: {exc}"
-        ) from None
+    secrets = framework_secrets("Django", django_settings.SECRET_KEY, django_settings.SECRET_KEY_FALLBACKS)
+    return Settings.load(given, secret=secrets)
 
 
 class SessionStore(SessionBase):  # type: ignore[misc]
@@ -115,8 +108,7 @@ class SessionStore(SessionBase):  # type: ignore[misc]
     def bind(self, user_id: Any, agent: str | None = None, ip: str | None = None) -> None:
         """Bind the session to ``user_id`` (at login), so that the user can list and end it."""
         now = int(time.time())
-        client = {"agent": agent or "", "ip": ip or ""} if self._core.settings.client_details else {}
-        self[USER_KEY] = {"id": str(user_id), "login": now, "seen": now, **client}
+        self[USER_KEY] = {"id": str(user_id), "login": now, "seen": now, **self._core.client(agent, ip)}
         if self._core.settings.max_per_user:
             self.save()  # stored now, so that the limit counts it
             self._core.users.limit(str(user_id), self.store_key or "")
@@ -182,8 +174,9 @@ class SessionStore(SessionBase):  # type: ignore[misc]
         if self._failed:  # read as empty: saved, it would erase what is stored
             return
         binding = data.get(USER_KEY)
-        if isinstance(binding, dict) and time.time() - binding.get("seen", 0) >= self._core.refresh_after:
-            data[USER_KEY] = {**binding, "seen": int(time.time())}  # a bound session's save says when it was seen
+        seen = self._core.seen(binding) if isinstance(binding, dict) else None
+        if seen is not None:  # a bound session's save says when it was seen
+            data[USER_KEY] = seen
         try:
             if must_create:
                 self._create_record(data)

@@ -23,7 +23,7 @@ from flask.sessions import SessionMixin, session_json_serializer
 from ..core import SessionCore, Visit, vary_with_cookie
 from ..detection import create_session_store
 from ..session import Codec, Session, encode, measure
-from ..settings import GENERATE_SECRET, NAMES, ConfigError, Settings
+from ..settings import NAMES, Settings, framework_secrets
 from ..stores.base import SessionStore
 from ..users import UserSessions
 
@@ -196,26 +196,12 @@ def _flask_settings(app: Flask) -> tuple[Any, ...]:
     return tuple(map(app.config.get, FLASK_SETTINGS))
 
 
+def _secret_key(config: Mapping[str, Any]) -> list[str]:
+    """Flask's SECRET_KEY then SECRET_KEY_FALLBACKS, checked as SESSION_SECRET is."""
+    return framework_secrets("Flask", config.get("SECRET_KEY"), config.get("SECRET_KEY_FALLBACKS") or ())
+
+
 def _variables(config: Mapping[str, Any]) -> dict[str, Any]:
     """wsgisession's variables: the environment's, under ``app.config``'s (Flask's settings are read apart)."""
     ours = {name: value for name, value in config.items() if name in NAMES and name not in FLASK_SETTINGS}
     return {**os.environ, **ours}
-
-
-def _secret_key(config: Mapping[str, Any]) -> list[str]:
-    """Flask's SECRET_KEY then SECRET_KEY_FALLBACKS (the first signs, all verify), checked as SESSION_SECRET is."""
-    keys = [config.get("SECRET_KEY"), *(config.get("SECRET_KEY_FALLBACKS") or ())]
-    if not keys[0]:
-        raise ConfigError(
-            f"Neither SESSION_SECRET nor SECRET_KEY is set: the session cookies need a secret. "
-            f"Set one to a long random string, for example: {GENERATE_SECRET}"
-        )
-    secrets = [key.hex() if isinstance(key, bytes) else str(key) for key in keys]
-    try:
-        Settings(secrets=tuple(secrets)).check()
-    except ConfigError as exc:
-        raise ConfigError(
-            f"SESSION_SECRET is not set, so Flask's SECRET_KEY (then SECRET_KEY_FALLBACKS) signs the session "
-            f"cookies, and it is refused: {exc}"
-        ) from None
-    return secrets
