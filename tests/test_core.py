@@ -14,7 +14,7 @@ import pytest
 from cookies import parse_set_cookies
 from servers import SECRET
 
-from wsgisession import ConfigError, MemoryStore, Session, SessionCore, Settings
+from wsgisession import ConfigError, MemoryStore, Session, SessionCore, SessionValueError, Settings
 from wsgisession.session import Codec, encode, measure
 from wsgisession.settings import prefixed
 
@@ -144,7 +144,7 @@ def test_a_codec_carries_types_json_has_not_and_their_changes() -> None:
 
 def test_the_express_format_keeps_its_cookie_key() -> None:
     core = make_core(format="express")
-    with pytest.raises(Exception, match=r"session\['cookie'\] is the express format's own"):
+    with pytest.raises(SessionValueError, match=r"session\[.cookie.\] is the express format.s own"):
         request(core, do=lambda s: s.update(cookie={"a": 1}))
 
 
