@@ -14,7 +14,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from json.encoder import encode_basestring_ascii
 from typing import Any, NamedTuple, TypeVar
 
@@ -120,6 +120,22 @@ class SessionStore(ABC):
         """End ``user``'s least recently used sessions (by :func:`recency`) beyond the ``limit`` most
         recent, never ``keep`` (the login that asks); return the keys ended."""
         raise NotImplementedError(f"the {self.name} store cannot limit a user's sessions")
+
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        """Store a session copied from another store, expiring at ``expires`` (Unix seconds), unless a
+        live session is stored under ``key`` already; True if it stored it. A copy never replaces a live
+        session, so copying again never goes back in time; an expired record under key is replaced."""
+        raise NotImplementedError(f"the {self.name} store cannot take copies of sessions")
+
+    def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
+        """Every live session as (key, record), ``batch`` or so at a time, in flat memory whatever the
+        number of sessions (for copying them to another store). Sessions written during the scan may or
+        may not be seen; on Redis one may be seen twice (SCAN's guarantee)."""
+        raise NotImplementedError(f"the {self.name} store cannot list its sessions")
+
+    def count(self) -> int:
+        """How many live sessions :meth:`scan` would give (an estimate where sessions come and go)."""
+        return sum(len(batch) for batch in self.scan())
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Remove these sessions (in as few round trips as the backend allows)."""

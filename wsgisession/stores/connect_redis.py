@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import redis
 
-from .base import Changes, Record, StoreError, UserRecord, log, merged, now
+from .base import Changes, Record, StoreError, UserRecord, merged, now
 from .express import ExpressDocument
-from .redis import ERRORS, RedisStore, milliseconds, wrong_type
+from .redis import ERRORS, RedisStore, milliseconds, pipelined
 
 CAS_ATTEMPTS = 25  # with a growing, jittered pause between them
 
@@ -27,6 +28,8 @@ class ConnectRedisStore(RedisStore):
     by a login (the Express side sees the binding), and ended by its own logout.
     """
 
+    session_keys = "*"  # every key of the prefix, as connect-redis's own clear() and all() find them
+
     def __init__(
         self,
         url: str | None = None,
@@ -41,23 +44,30 @@ class ConnectRedisStore(RedisStore):
 
     def load(self, key: str) -> Record | None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.prefix + key)
-        pipe.pttl(self.prefix + key)
-        try:
-            raw, pttl = pipe.execute()
-        except redis.ResponseError as exc:
-            if not wrong_type(exc):
-                raise StoreError(f"Redis: {exc}") from exc
-            log.warning("Ignoring a malformed session record in Redis")  # a foreign record of another type
-            return None
-        except ERRORS as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+        self._queue_load(pipe, self.prefix + key)
+        return self._loaded(iter(self._run(pipe.execute, raise_on_error=False)))
+
+    def _queue_load(self, pipe: Any, name: Any) -> None:
+        """The document, and its TTL."""
+        pipe.get(name)
+        pipe.pttl(name)
+
+    def _loaded(self, replies: Iterator[Any]) -> Record | None:
+        raw, pttl = pipelined(next(replies)), pipelined(next(replies))  # None for a foreign record of another type
         if raw is None:
             return None
         return self.document.load(raw, now() + max(pttl, 0) / 1000, "Redis")
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        self._run(self.client.set, self.prefix + key, self.document.dump(data, now() + ttl), px=milliseconds(ttl))
+        self._set(key, data, now() + ttl)
+
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        """SET NX: the document as :meth:`create` writes it, unless the key exists."""
+        return self._set(key, data, expires, nx=True)
+
+    def _set(self, key: str, data: Mapping[str, str], expires: float, nx: bool = False) -> bool:
+        document = self.document.dump(data, expires)
+        return bool(self._run(self.client.set, self.prefix + key, document, px=milliseconds(expires - now()), nx=nx))
 
     def touch(self, key: str, ttl: float) -> bool:
         return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))

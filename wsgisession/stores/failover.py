@@ -37,6 +37,7 @@ from .base import (
     after_fork,
     beyond_limit,
     encode_values,
+    json_value,
     log,
     now,
 )
@@ -168,6 +169,49 @@ class FailoverStore(SessionStore):
         # The cache first: a new session is found (and may be ended) through the durable store's index
         # once it is there, so the cache must not take a copy after an ending came between the two.
         self._write(key, lambda s: s.create(key, data, ttl), written=True, cache_first=True)
+
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        """Into the durable store, the authority; if it took the copy, into the cache unless it holds one."""
+        # The durable store first, unlike create: it alone can tell whether a live session is there (the
+        # cache may have lost its copy), and a copy written first into a cache without it would be served,
+        # going back in time, until the durable store refused it. An ending or an update that comes
+        # between the two writes finds no copy in the cache to drop, so the cache keeps the copy only
+        # while the durable store still holds it (as _refill does); a cache that missed it is marked.
+        self._first_use()
+        if not self.durable_health.up:
+            raise StoreError(f"{self.durable.name} is unavailable: only it can tell whether a session is there")
+        with self._gate.write():
+            try:
+                added = self.durable.add(key, data, expires)
+            except StoreError as exc:
+                self._durable_failed(exc)
+                raise
+            if added and not self._add_to_cache(key, data, expires):
+                self._repair.mark(key)  # before the copy is acknowledged: the cache's copy may be out of date
+                self._around.touch()
+        return added
+
+    def _add_to_cache(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        """Give the cache the copy the durable store took, unless it holds a session of its own under
+        ``key`` (a newer one, written while the durable store was away); False if the cache failed."""
+        cached, stored = self._write_cache(lambda cache: cache.add(key, data, expires))
+        if not (cached and stored):
+            return cached
+        try:
+            current = self.durable.load(key)
+        except StoreError:
+            current = None  # cannot tell: keep no copy that might be out of date
+        if current is not None and current.data == {k: json_value(v) for k, v in data.items()}:
+            return True
+        return self._on_cache(lambda cache: cache.delete(key))
+
+    def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
+        """The durable store's sessions: it holds every one (but those written while it was away,
+        until they are copied to it)."""
+        return self.durable.scan(batch)
+
+    def count(self) -> int:
+        return self.durable.count()
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         return bool(self._write(key, lambda s: s.update(key, changes, ttl), written=True))

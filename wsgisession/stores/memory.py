@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from .base import (
     USER_KEY,
@@ -39,16 +39,30 @@ class MemoryStore(CacheStore, DurableStore):
             entry = self._live(key)
             if entry is None:
                 return None
-            data, expires = entry
-        try:
-            return Record({k: json_value(v) for k, v in data.items()}, expires)
-        except (ValueError, RecursionError):
-            log.warning("Ignoring a malformed session record in memory")
-            return None
+        return _record(*entry)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         with self._lock:
             self._sessions[key] = (dict(data), now() + ttl)
+
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._sessions[key] = (dict(data), expires)
+            return True
+
+    def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
+        """The keys first, then each batch's sessions as they are then (copied under the lock)."""
+        with self._lock:
+            keys = list(self._sessions)
+        for start in range(0, len(keys), batch):
+            with self._lock:
+                entries = [(key, dict(entry[0]), entry[1]) for key in keys[start : start + batch]
+                           if (entry := self._live(key)) is not None]  # fmt: skip
+            found = [(key, record) for key, data, expires in entries if (record := _record(data, expires)) is not None]
+            if found:
+                yield found
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         with self._lock:
@@ -132,3 +146,12 @@ class MemoryStore(CacheStore, DurableStore):
             del self._sessions[key]
             return None
         return entry
+
+
+def _record(data: Mapping[str, str], expires: float) -> Record | None:
+    """A stored session decoded, or None (logged) when a value is not JSON."""
+    try:
+        return Record({k: json_value(v) for k, v in data.items()}, expires)
+    except (ValueError, RecursionError):
+        log.warning("Ignoring a malformed session record in memory")
+        return None

@@ -50,8 +50,10 @@ class PostgresStore(SQLStore):
         i = self.columns[0]
         self._sql_trim_user = f"DELETE FROM {self.table} WHERE {i} = ANY(ARRAY({self._sql_beyond})) RETURNING {i}"
         # The statements each request runs, prepared once per connection: the server then
-        # parses and plans them once, not on every call (about a fifth of a read's time).
-        statements = (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge)
+        # parses and plans them once, not on every call (about a fifth of a read's time); and the add
+        # that copies sessions in, which a copy runs once per session.
+        statements = (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge,
+                      self._sql_add)  # fmt: skip
         self._prepared = {sql: _prepared(sql) for sql in statements} if prepare else {}
         if create_table:
             self.setup()

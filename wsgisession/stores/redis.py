@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
@@ -156,9 +156,7 @@ return 1
 )
 # Replace the session. ARGV: the TTL in ms, now (Unix ms), "index" or "cluster", the prefix, then
 # field/value pairs. A record of another type than a hash (a malformed one) is replaced too.
-_CREATE = (
-    _COMMON
-    + """
+_REPLACE = """
 local ttl, now, prefix = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
 local old = user_of(redis.pcall('hget', KEYS[1], USER))
 redis.call('del', KEYS[1])
@@ -167,7 +165,10 @@ redis.call('pexpire', KEYS[1], ttl)
 if ARGV[3] == 'index' then reindex(old, ttl, now, prefix, true) end
 return 1
 """
-)
+_CREATE = _COMMON + _REPLACE
+# Write a copied session as _CREATE does, unless the key exists (Redis expires sessions itself, so
+# one that exists is live; a record of another type is left alone too): then return 0.
+_ADD = _COMMON + "\nif redis.call('exists', KEYS[1]) == 1 then return 0 end" + _REPLACE
 # A cluster's index write. KEYS[1]: the index; ARGV: the session's key, its score, now, the margin.
 _INDEX = (
     _COMMON
@@ -219,7 +220,7 @@ return ended
 )
 _DIGESTS = {
     script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-    for script in (_UPDATE, _CREATE, _INDEX, _LIST, _TRIM)
+    for script in (_UPDATE, _CREATE, _ADD, _INDEX, _LIST, _TRIM)
 }
 
 
@@ -227,6 +228,9 @@ class RedisStore(CacheStore):
     """Sessions as Redis hashes ``<prefix><key>`` of JSON values, expired by Redis itself."""
 
     name = "Redis"
+    #: what the keys of sessions match after the prefix, as SCAN's MATCH: a SHA-256 in hex (what
+    #: store_key() gives), so never a user's index (``<prefix>user:...``)
+    session_keys = "[0-9a-f]" * 64
 
     def __init__(
         self,
@@ -274,26 +278,25 @@ class RedisStore(CacheStore):
     def load(self, key: str) -> Record | None:
         try:
             # execute_command() rather than hgetall(): the same command, with less per-call wrapping
-            fields: dict[bytes, bytes] = self.client.execute_command("HGETALL", self.prefix + key)  # type: ignore[no-untyped-call]
-            stamp = fields.pop(_EXPIRES, None)
-            fields.pop(_INDEXED, None)
-            data = {k.decode(): json_value(v.decode()) for k, v in fields.items()}
-            expires = float(stamp) if stamp is not None else now()  # unknown: refresh it soon
+            fields = self.client.execute_command("HGETALL", self.prefix + key)  # type: ignore[no-untyped-call]
         except redis.ResponseError as exc:
-            if not wrong_type(exc):  # CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now
-                raise StoreError(f"Redis: {exc}") from exc
-            log.warning("Ignoring a malformed session record in Redis")
-            return None
-        except (ValueError, RecursionError):
-            log.warning("Ignoring a malformed session record in Redis")
+            _malformed(exc)
             return None
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
-        if stamp is None and not data:  # no hash (an empty session still has its expiry field)
-            return None
-        return Record(data, expires)
+        return _session(fields)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
+        self._write(_CREATE, key, data, ttl)  # one round trip, where MULTI takes two
+
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        """One script, as :meth:`create`'s, that writes nothing where the key exists; on a cluster, the
+        index then told as :meth:`create` tells it."""
+        return self._write(_ADD, key, data, expires - now())
+
+    def _write(self, script: str, key: str, data: Mapping[str, str], ttl: float) -> bool:
+        """Write a whole session with ``script`` (:data:`_CREATE` or :data:`_ADD`), and on a cluster
+        give its user's index the session written; False when the script wrote nothing."""
         t, ms = self._clock(ttl)
         args: list[Any] = [ms, t, *self._mode()]
         for field, value in data.items():
@@ -302,9 +305,11 @@ class RedisStore(CacheStore):
         user = _user_in(data.get(USER_KEY)) if self._cluster else None
         if user is not None:
             args += (INDEXED, t + ms)
-        self._run(self._script, _CREATE, self.prefix + key, *args)  # one round trip, where MULTI takes two
+        if not self._run(self._script, script, self.prefix + key, *args):
+            return False
         if user is not None:
             self._tell_index(key, user, t + ms, t, created=True)
+        return True
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         t, ms = self._clock(ttl)
@@ -468,20 +473,49 @@ class RedisStore(CacheStore):
 
     def clear(self) -> None:
         """Delete every session under the prefix (keys of the prefix that are not sessions stay)."""
-        client = self.client
-        pattern = _glob_escape(self.prefix) + "[0-9a-f]" * 64  # what store_key() gives: a SHA-256 in hex
+        for names in self._names(1000):
+            self._run(self.client.unlink, *names)
 
-        def clear() -> None:
-            batch: list[Any] = []
-            for name in client.scan_iter(match=pattern, count=1000):
-                batch.append(name)
-                if len(batch) == 1000:
-                    client.unlink(*batch)
-                    batch.clear()
-            if batch:
-                client.unlink(*batch)
+    def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
+        """SCAN for the sessions' keys (never a user's index), then one pipelined round trip that reads
+        each batch (on a cluster, one to each node holding some of it)."""
+        start = len(self.prefix)
+        for names in self._names(batch):
+            pipe = self.client.pipeline(transaction=False)
+            for name in names:
+                self._queue_load(pipe, name)
+            replies = iter(self._run(pipe.execute, raise_on_error=False))
+            found = [(_text(name)[start:], record) for name in names if (record := self._loaded(replies)) is not None]
+            if found:
+                yield found
 
-        self._run(clear)
+    def count(self) -> int:
+        """The sessions' keys counted by SCAN, without reading them."""
+        return sum(len(names) for names in self._names(1000))
+
+    def _names(self, batch: int) -> Iterator[list[Any]]:
+        """The names of the sessions' keys, ``batch`` at a time: SCAN ... COUNT ``batch``, on a cluster
+        on each primary in turn (redis-py's scan_iter)."""
+        names: list[Any] = []
+        try:
+            for name in self.client.scan_iter(match=_glob_escape(self.prefix) + self.session_keys, count=batch):
+                names.append(name)
+                if len(names) == batch:
+                    yield names
+                    names = []
+        except ERRORS as exc:
+            raise StoreError(f"Redis: {exc}") from exc
+        if names:
+            yield names
+
+    def _queue_load(self, pipe: Any, name: Any) -> None:
+        """Queue on ``pipe`` what reads the session in key ``name``: its hash."""
+        pipe.hgetall(name)
+
+    def _loaded(self, replies: Iterator[Any]) -> Record | None:
+        """The session that :meth:`_queue_load`'s commands read, from the next of ``replies``."""
+        fields = pipelined(next(replies))
+        return None if fields is None else _session(fields)
 
     def delete_many(self, keys: Sequence[str]) -> None:
         if keys:
@@ -524,6 +558,39 @@ def _on_new_connections(client: Client, hook: Callable[[Connection], None]) -> N
     """Have ``hook`` run on every connection the client's pool opens (plain and Sentinel clients)."""
     if isinstance(client, redis.Redis):
         client.connection_pool.connection_kwargs.setdefault("redis_connect_func", hook)
+
+
+def _session(fields: dict[bytes, bytes]) -> Record | None:
+    """A session's hash, as HGETALL returns it, decoded; None for no hash, or a malformed one (logged)."""
+    stamp = fields.pop(_EXPIRES, None)
+    fields.pop(_INDEXED, None)
+    try:
+        data = {k.decode(): json_value(v.decode()) for k, v in fields.items()}
+        expires = float(stamp) if stamp is not None else now()  # unknown: refresh it soon
+    except (ValueError, RecursionError):
+        log.warning("Ignoring a malformed session record in Redis")
+        return None
+    if stamp is None and not data:  # no hash (an empty session still has its expiry field)
+        return None
+    return Record(data, expires)
+
+
+def _malformed(exc: redis.ResponseError) -> None:
+    """Log a refusal for a record of another type (a malformed one, no session); raise
+    :class:`StoreError` for any other (CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now)."""
+    if not wrong_type(exc):
+        raise StoreError(f"Redis: {exc}") from exc
+    log.warning("Ignoring a malformed session record in Redis")
+
+
+def pipelined(reply: Any) -> Any:
+    """One reply of a pipeline run with ``raise_on_error=False``; None for a record of another type."""
+    if isinstance(reply, redis.ResponseError):
+        _malformed(reply)
+        return None
+    if isinstance(reply, Exception):
+        raise StoreError(f"Redis: {reply}") from reply
+    return reply
 
 
 def _user_in(binding: str | None) -> str | None:

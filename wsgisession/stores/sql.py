@@ -179,6 +179,13 @@ class SQLStore(DurableStore):
         # Expiry is checked in Python: a predicate on it costs the planner more than the check.
         self._sql_load = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p}"
         self._sql_create = self._create_sql()
+        # A copy: the upsert that creates, replacing only an expired row (named by the table, which
+        # PostgreSQL requires: a bare column could also be excluded's).
+        self._sql_add = f"{self._sql_create} WHERE {t}.{e} <= {ts}"
+        # Keyset pagination through the primary key, expiry checked in Python (as for a load): every
+        # page an index range scan whatever the planner thinks of the expiry column.
+        self._sql_scan = f"SELECT {i}, {d}, {self.epoch(e)} FROM {t} WHERE {i} > {p} ORDER BY {i} LIMIT {p}"
+        self._sql_count = f"SELECT count(*) FROM {t} WHERE {e} > {ts}"
         self._sql_touch = f"UPDATE {t} SET {e} = {ts} WHERE {i} = {p} AND {e} > {ts}"
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
         self._sql_read_live = f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
@@ -321,6 +328,29 @@ class SQLStore(DurableStore):
         with self._cursor() as cur:
             return self._merge(cur, key, changes, now() + ttl)
 
+    def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        with self._cursor() as cur:
+            self._execute(cur, self._sql_add, (*self._create_params(key, data, expires), now()))
+            return bool(cur.rowcount)
+
+    def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
+        """One SELECT per batch, the rows after the last key seen, on a connection held for that SELECT only."""
+        last = ""  # below every key but the empty one, which no store gives
+        while True:
+            rows = self._rows(self._sql_scan, (last, batch))
+            t = now()
+            found = [(key, record) for key, raw, expires in rows
+                     if float(expires) > t and (record := self._record(raw, float(expires))) is not None]  # fmt: skip
+            if found:
+                yield found
+            if len(rows) < batch:
+                return
+            last = rows[-1][0]
+
+    def count(self) -> int:
+        """One SELECT count(*) of the live rows."""
+        return int(self._rows(self._sql_count, (now(),))[0][0])
+
     def touch(self, key: str, ttl: float) -> bool:
         t = now()
         with self._cursor() as cur:
@@ -332,22 +362,24 @@ class SQLStore(DurableStore):
             self._execute(cur, self._sql_delete, (key,))
 
     def user_sessions(self, user: str) -> list[UserRecord]:
-        """One SELECT through the index of bound users; retried once on a connection the server had
-        closed, as :meth:`load` is."""
-        try:
-            rows = self._user_rows(user)
-        except ConnectionLost:
-            rows = self._user_rows(user)
+        """One SELECT through the index of bound users."""
         found, t = [], now()
-        for key, text, expires in rows:
+        for key, text, expires in self._rows(self._sql_user_sessions, (user,)):
             binding = json_value(text)
             if float(expires) > t and bound_user({USER_KEY: binding}) == user:
                 found.append(UserRecord(key, binding, float(expires)))
         return found
 
-    def _user_rows(self, user: str) -> list[Any]:
+    def _rows(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        """What a read returns; asked again once on a connection the server had closed, as :meth:`load` is."""
+        try:
+            return self._fetch(sql, params)
+        except ConnectionLost:
+            return self._fetch(sql, params)
+
+    def _fetch(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
         with self._cursor() as cur:
-            cur.execute(self._sql_user_sessions, (user,))
+            cur.execute(sql, params)
             return list(cur.fetchall())
 
     def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:

@@ -1,0 +1,440 @@
+"""Copying sessions between stores: ``scan`` lists every live session in batches, ``add`` stores a copy
+unless a live session is there already. Run on every store kind, on the real servers: memory, SQLite,
+PostgreSQL, Redis (one server, behind Sentinels, a three-node cluster), the express format's stores
+(connect-redis's records, connect-pg-simple's table) and the Redis + PostgreSQL pair.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+from redis_topologies import ClusterSetup, SentinelSetup
+from servers import drop_table, free_port, require_postgres, require_redis, unique
+from test_failover import PROBE, TIMEOUT
+from test_round_trips import Wire, counting_redis
+from test_users_sql import CountedPostgres, CountedSQLite
+from users_contract import binding, keys_of
+
+from wsgisession import SessionStore, StoreError
+from wsgisession.stores.base import USER_KEY, Changes, Record, encode_values
+from wsgisession.stores.connect_pg import ConnectPgStore
+from wsgisession.stores.connect_redis import ConnectRedisStore
+from wsgisession.stores.express import ExpressDocument
+from wsgisession.stores.failover import FailoverStore
+from wsgisession.stores.postgres import PostgresStore
+from wsgisession.stores.redis import RedisStore
+
+EXPRESS = ["express-redis", "express-redis-cluster", "express-pg"]
+KINDS = ["memory", "sqlite", "postgres", "redis", "redis-sentinel", "redis-cluster", *EXPRESS, "pair"]
+DOCUMENT = ExpressDocument(3600)
+
+
+# -- the stores --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sentinel() -> Iterator[SentinelSetup]:
+    setup = SentinelSetup().start()
+    yield setup
+    setup.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[ClusterSetup]:
+    setup = ClusterSetup().start()
+    yield setup
+    setup.close()
+
+
+@pytest.fixture
+def build(request: pytest.FixtureRequest, make_store: Callable[..., SessionStore]) -> Iterator[Callable[[str], Any]]:
+    """Build a store of a kind on private names; closed (its keys and tables gone) after the test."""
+    made: list[tuple[SessionStore, Callable[[], None]]] = []
+
+    def redis_url(kind: str) -> str:
+        if kind.endswith("-cluster"):
+            return str(request.getfixturevalue("cluster").url())
+        if kind.endswith("-sentinel"):
+            return str(request.getfixturevalue("sentinel").url())
+        return require_redis()
+
+    def make(kind: str) -> Any:
+        if kind in ("memory", "sqlite", "postgres"):
+            return make_store(kind)
+        prefix, table = unique("copy") + ":", unique("copy")
+        cleanup = lambda: None  # noqa: E731
+        store: SessionStore
+        if kind.startswith("redis"):
+            store = RedisStore(redis_url(kind), prefix=prefix)
+        elif kind.startswith("express-redis"):
+            store = ConnectRedisStore(redis_url(kind), document=DOCUMENT, prefix=prefix)
+        elif kind == "express-pg":
+            store = ConnectPgStore(require_postgres(), document=DOCUMENT, table=table, cleanup_interval=0)
+            cleanup = lambda: drop_table(require_postgres(), table)  # noqa: E731
+        elif kind == "pair":
+            cache = RedisStore(require_redis(), prefix=prefix, timeout=TIMEOUT)
+            durable = PostgresStore(require_postgres(), table=table, cleanup_interval=0, timeout=1.0)
+            store = FailoverStore(cache, durable, probe_interval=PROBE)
+            cleanup = lambda: drop_table(require_postgres(), table)  # noqa: E731
+        else:
+            raise ValueError(kind)
+        made.append((store, cleanup))
+        return store
+
+    yield make
+    for store, cleanup in made:
+        redis_store = store.cache if isinstance(store, FailoverStore) else store
+        if isinstance(redis_store, RedisStore):  # the session keys and the users' indexes
+            names = list(redis_store.client.scan_iter(match=redis_store.prefix + "*", count=1000))
+            if names:
+                redis_store.client.unlink(*names)
+        store.close()
+        cleanup()
+
+
+@pytest.fixture(params=KINDS)
+def store(request: pytest.FixtureRequest, build: Callable[[str], Any]) -> Any:
+    return build(request.param)
+
+
+def new_key(store: SessionStore) -> str:
+    """A key as the store's format gives them: a SHA-256 in hex, or an express-session id."""
+    return secrets.token_urlsafe(24) if express(store) else secrets.token_hex(32)
+
+
+def express(store: SessionStore) -> bool:
+    return isinstance(store, (ConnectRedisStore, ConnectPgStore))
+
+
+def lists_users(store: SessionStore) -> bool:
+    """Whether the store lists a user's sessions (connect-redis's records refuse to)."""
+    return not isinstance(store, ConnectRedisStore)
+
+
+def values(n: int = 0, user: str | None = None) -> dict[str, str]:
+    """A session's JSON texts, bound to ``user`` if given."""
+    data = encode_values({"n": n, "cart": [n, {"name": "zoë 😀", "price": 0.1}], "seen": None, "big": 2**60})
+    if user is not None:
+        data[USER_KEY] = binding(user)
+    return data
+
+
+def decoded(data: dict[str, str]) -> dict[str, Any]:
+    return {k: json.loads(v) for k, v in data.items()}
+
+
+def everything(store: SessionStore, batch: int = 1000) -> tuple[list[list[tuple[str, Record]]], dict[str, Record]]:
+    """The batches of a whole scan, and what they hold by key."""
+    batches = list(store.scan(batch=batch))
+    return batches, {key: record for found in batches for key, record in found}
+
+
+def create_many(store: SessionStore, keys: list[str], ttl: float = 600) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: store.create(key, {"n": "1"}, ttl), keys))
+
+
+# -- add -----------------------------------------------------------------------------------------
+
+
+def test_add_stores_the_copy_its_expiry_and_its_user(store: SessionStore) -> None:
+    key, user, expires = new_key(store), secrets.token_hex(8), time.time() + 4321.5
+    assert store.add(key, values(1, user), expires) is True
+    record = store.load(key)
+    assert record is not None
+    assert record.data == decoded(values(1, user))
+    assert record.expires == pytest.approx(expires, abs=1)
+    if lists_users(store):
+        assert keys_of(store, user) == {key}
+
+
+def test_add_never_replaces_a_live_session(store: SessionStore) -> None:
+    key, ann, bob = new_key(store), secrets.token_hex(8), secrets.token_hex(8)
+    store.create(key, values(1, ann), 600)
+    before = store.load(key)
+    assert store.add(key, values(2, bob), time.time() + 5000) is False
+    after = store.load(key)
+    assert before is not None and after is not None
+    assert after.data == before.data == decoded(values(1, ann))
+    assert after.expires == pytest.approx(before.expires, abs=0.5)
+    if lists_users(store):
+        assert keys_of(store, ann) == {key} and keys_of(store, bob) == set()
+
+
+def test_add_replaces_an_expired_record(store: SessionStore) -> None:
+    """SQL rows outlive their expiry until a cleanup: the copy replaces one, and its user's index."""
+    key, ann, bob = new_key(store), secrets.token_hex(8), secrets.token_hex(8)
+    store.create(key, values(1, ann), 0.05)
+    time.sleep(0.15)
+    assert store.load(key) is None
+    assert store.add(key, values(2, bob), time.time() + 600) is True
+    record = store.load(key)
+    assert record is not None and record.data == decoded(values(2, bob))
+    assert record.expires == pytest.approx(time.time() + 600, abs=2)
+    if lists_users(store):
+        assert keys_of(store, bob) == {key} and keys_of(store, ann) == set()
+
+
+# -- scan ----------------------------------------------------------------------------------------
+
+
+def test_scan_yields_every_live_session_and_nothing_else(store: SessionStore, caplog: pytest.LogCaptureFixture) -> None:
+    """Not the expired ones, and on Redis not a user's index (a key under the prefix too, which a
+    scan would read as a malformed session, and log)."""
+    user = secrets.token_hex(8)
+    live = {new_key(store): values(n, user if n % 2 else None) for n in range(12)}
+    live[new_key(store)] = {}  # an empty session is a session
+    for key, data in live.items():
+        store.create(key, data, 600)
+    for _ in range(3):
+        store.create(new_key(store), values(user=user), 0.05)
+    time.sleep(0.15)
+    caplog.set_level(logging.WARNING, logger="wsgisession")
+    batches, found = everything(store, batch=5)
+    assert not caplog.records
+    assert found.keys() == live.keys()
+    for key, data in live.items():
+        assert found[key].data == decoded(data)
+        assert found[key].expires == pytest.approx(time.time() + 600, abs=2)
+    assert all(0 < len(batch) <= 5 for batch in batches)
+    if not isinstance(store, RedisStore):  # SCAN may return a key twice
+        assert sum(map(len, batches)) == len(live)
+
+
+def test_scan_of_2500_sessions_comes_in_batches(store: SessionStore) -> None:
+    keys = [new_key(store) for _ in range(2500)]
+    create_many(store, keys)
+    batches, found = everything(store, batch=1000)
+    assert found.keys() == set(keys)
+    assert len(batches) >= 3 and max(map(len, batches)) <= 1000
+    if not isinstance(store, RedisStore):
+        assert sum(map(len, batches)) == len(keys)
+
+
+def test_sessions_written_during_a_scan_do_not_break_it(store: SessionStore) -> None:
+    """Those there all along are all seen; those created or ended meanwhile may be or not."""
+    kept, ended = [new_key(store) for _ in range(30)], [new_key(store) for _ in range(5)]
+    create_many(store, kept + ended)
+    scan = store.scan(batch=10)
+    seen = {key for key, _ in next(scan)}
+    create_many(store, [new_key(store) for _ in range(30)])
+    store.delete_many(ended)
+    for batch in scan:
+        seen |= {key for key, _ in batch}
+    assert set(kept) <= seen
+
+
+def test_scan_of_an_empty_store_yields_nothing(store: SessionStore) -> None:
+    assert list(store.scan()) == []
+
+
+# -- copying from one store to another ---------------------------------------------------------
+
+
+def copy(source: SessionStore, target: SessionStore) -> int:
+    """What a migration does: every session of ``source`` added to ``target``; how many it took."""
+    return sum(
+        target.add(key, encode_values(record.data), record.expires)
+        for found in source.scan(batch=7)
+        for key, record in found
+    )
+
+
+@pytest.mark.parametrize(
+    ("source_kind", "target_kind"),
+    [("redis", "postgres"), ("postgres", "sqlite"), ("sqlite", "redis"), ("express-redis", "express-pg"),
+     ("memory", "pair"), ("pair", "redis-cluster")],
+)  # fmt: skip
+def test_a_copy_loads_as_the_original(build: Callable[[str], Any], source_kind: str, target_kind: str) -> None:
+    """Every session loads from the target as from the source, bound to the same user; one the
+    target has already stays as it is there, and copying again copies nothing."""
+    source, target = build(source_kind), build(target_kind)
+    user = secrets.token_hex(8)
+    sessions = {new_key(source): values(n, user if n % 3 == 0 else None) for n in range(20)}
+    sessions[new_key(source)] = {}
+    for key, data in sessions.items():
+        source.create(key, data, 600 + len(data))
+    theirs = list(sessions)[:2]  # the target's own, newer: a user who came back meanwhile
+    for key in theirs:
+        target.create(key, {"newer": "true"}, 900)
+    assert copy(source, target) == len(sessions) - 2
+    for key in sessions:
+        copied, original = target.load(key), source.load(key)
+        assert copied is not None and original is not None
+        if key in theirs:
+            assert copied.data == {"newer": True} and copied.expires == pytest.approx(time.time() + 900, abs=2)
+        else:
+            assert copied.data == original.data
+            assert copied.expires == pytest.approx(original.expires, abs=0.05)
+    if lists_users(source) and lists_users(target):
+        bound = {key for key, data in sessions.items() if USER_KEY in data and key not in theirs}
+        assert keys_of(target, user) == keys_of(source, user) - set(theirs) == bound
+    assert copy(source, target) == 0
+
+
+# -- round trips -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
+def test_a_redis_scan_reads_each_batch_in_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
+    wire = Wire()
+    options = {"document": DOCUMENT} if cls is ConnectRedisStore else {}
+    store = cls(client=counting_redis(redis_url, wire), prefix=unique("trips") + ":", **options)
+    try:
+        create_many(store, [new_key(store) for _ in range(2500)])
+        wire.trips.clear()
+        batches, found = everything(store, batch=1000)
+        assert len(found) == 2500
+        reads = [trip for trip in wire.trips if not trip.startswith("SCAN")]
+        assert len(reads) == len(batches) == 3
+    finally:
+        store.clear()
+        store.close()
+
+
+@pytest.mark.parametrize("cls", [CountedPostgres, CountedSQLite])
+def test_a_sql_scan_is_one_select_per_batch(cls: type[Any], tmp_path: Any) -> None:
+    table = unique("trips")
+    target = require_postgres() if cls is CountedPostgres else str(tmp_path / "trips.sqlite3")
+    store = cls(target, table=table, cleanup_interval=0)
+    try:
+        create_many(store, [secrets.token_hex(32) for _ in range(2500)])
+        store.statements.clear()
+        batches, found = everything(store, batch=1000)
+        assert len(found) == 2500 and len(batches) == 3
+        assert len(store.statements) == 3
+    finally:
+        store.close()
+        if cls is CountedPostgres:
+            drop_table(target, table)
+
+
+def test_postgresql_prepares_the_add_a_copy_repeats(database_url: str) -> None:
+    """A copy runs add() once per session: parsed and planned once per connection, as a request's statements."""
+    table = unique("prepared")
+    store = CountedPostgres(database_url, table=table, cleanup_interval=0, pool_size=1)
+    try:
+        store.statements.clear()
+        for _ in range(3):
+            store.add(secrets.token_hex(32), {"n": "1"}, time.time() + 600)
+        assert [statement.split()[0] for statement in store.statements] == ["PREPARE", "EXECUTE", "EXECUTE"]
+    finally:
+        store.close()
+        drop_table(database_url, table)
+
+
+# -- the pair: what the cache gets ----------------------------------------------------------------
+
+
+def test_the_pair_caches_the_copy(build: Callable[[str], Any]) -> None:
+    pair = build("pair")
+    key, user = new_key(pair), secrets.token_hex(8)
+    assert pair.add(key, values(1, user), time.time() + 600)
+    cached = pair.cache.load(key)
+    assert cached is not None and cached.data == decoded(values(1, user))
+    assert keys_of(pair.cache, user) == {key}
+
+
+class Hooked(PostgresStore):
+    """A durable store where another request (``meanwhile``) comes just as add() stores a session."""
+
+    def __init__(self, *args: Any, meanwhile: Callable[[PostgresStore, str], Any], **options: Any) -> None:
+        self.meanwhile = meanwhile
+        super().__init__(*args, **options)
+
+    def add(self, key: str, data: Any, expires: float) -> bool:
+        added = super().add(key, data, expires)
+        self.meanwhile(self, key)
+        return added
+
+
+@pytest.fixture
+def hooked(redis_url: str, database_url: str) -> Iterator[Callable[..., FailoverStore]]:
+    """Build a pair whose durable store runs ``meanwhile`` as it adds a session."""
+    made: list[tuple[FailoverStore, str]] = []
+
+    def make(meanwhile: Callable[[PostgresStore, str], Any]) -> FailoverStore:
+        table = unique("hooked")
+        durable = Hooked(database_url, table=table, cleanup_interval=0, meanwhile=meanwhile)
+        made.append((FailoverStore(RedisStore(redis_url, prefix=table + ":"), durable, probe_interval=PROBE), table))
+        return made[-1][0]
+
+    yield make
+    for pair, table in made:
+        pair.cache.clear()
+        pair.close()
+        drop_table(database_url, table)
+
+
+def test_the_pair_gives_no_copy_to_a_cache_that_lost_a_live_session(hooked: Callable[..., FailoverStore]) -> None:
+    """The durable store refuses the copy: the cache, which had lost the session (a restart, an
+    eviction), never holds the copy in its place, not even while the durable store is asked."""
+    cached: list[Record | None] = []
+    pair = hooked(lambda durable, key: cached.append(pair.cache.load(key)))
+    key = secrets.token_hex(32)
+    pair.create(key, values(1), 600)
+    pair.cache.delete(key)
+    assert pair.add(key, values(2), time.time() + 600) is False
+    assert cached == [None] and pair.cache.load(key) is None
+    record = pair.load(key)
+    assert record is not None and record.data == decoded(values(1))
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "expected"),
+    [(lambda store, key: store.delete(key), None),
+     (lambda store, key: store.update(key, Changes({"n": "99"}), 600), 99)],
+    ids=["logout", "update"],
+)  # fmt: skip
+def test_what_comes_between_the_pairs_two_writes_wins(
+    hooked: Callable[..., FailoverStore], meanwhile: Callable[[PostgresStore, str], Any], expected: int | None
+) -> None:
+    """A logout (or an update) that reaches the durable store after the copy, before the cache has it,
+    finds no copy in the cache to drop: the pair must not leave its copy there to be served."""
+    pair = hooked(meanwhile)
+    key = secrets.token_hex(32)
+    assert pair.add(key, values(1), time.time() + 600) is True
+    for store in (pair, pair.cache):
+        record = store.load(key)
+        assert (record and record.data["n"]) == expected
+
+
+def test_a_copy_the_cache_missed_is_marked(private_redis: Any, database_url: str) -> None:
+    """The cache fails as the copy is added: it is marked, so that no older copy of it is read
+    from the cache once it is back."""
+    table = unique("missed")
+    pair = FailoverStore(RedisStore(private_redis.url, prefix="m:", timeout=TIMEOUT),
+                         PostgresStore(database_url, table=table, cleanup_interval=0), probe_interval=60)  # fmt: skip
+    try:
+        pair.load(secrets.token_hex(32))  # the first probe, with the cache up
+        private_redis.kill()
+        key = secrets.token_hex(32)
+        assert pair.add(key, values(1), time.time() + 600) is True
+        assert key in {marked for _, marked in pair.durable.stale(10)}
+        record = pair.load(key)
+        assert record is not None and record.data == decoded(values(1))
+    finally:
+        pair.close()
+        drop_table(database_url, table)
+
+
+def test_the_pair_takes_no_copy_while_the_durable_store_is_away(redis_url: str) -> None:
+    """Only the durable store can tell whether a session is there: without it, no copy."""
+    prefix = unique("away") + ":"
+    durable = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test", cleanup_interval=0,
+                            create_table=False, timeout=1.0)  # fmt: skip
+    pair = FailoverStore(RedisStore(redis_url, prefix=prefix), durable, durable_up=False, probe_interval=60)
+    try:
+        key = secrets.token_hex(32)
+        with pytest.raises(StoreError):
+            pair.add(key, values(1), time.time() + 600)
+        assert pair.cache.load(key) is None
+    finally:
+        pair.close()
