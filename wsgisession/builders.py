@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from .stores.base import CacheStore, SessionStore
 if TYPE_CHECKING:
     from .stores.express import ExpressDocument
     from .stores.postgres import PostgresStore
+    from .stores.sqlite import SQLiteStore
 
 log = logging.getLogger("wsgisession")
 
@@ -86,13 +88,37 @@ def express_document(settings: Settings) -> ExpressDocument:
 
 def sqlite_from(settings: Settings, cleanup_interval: float) -> SessionStore:
     """The embedded SQLite store of these settings (its file is created now)."""
-    from .stores.sqlite import SQLiteStore
-
-    path = os.path.abspath(settings.sqlite_path)
-    store = SQLiteStore(path, table=settings.table, cleanup_interval=cleanup_interval)
+    store = sqlite_store(settings.sqlite_path, settings, cleanup_interval)
     log.warning(
         "Using the embedded SQLite session store at %s: for one host only; "
         "set REDIS_URL or DATABASE_URL to share sessions between hosts",
-        path,
+        store.path,
     )
     return store
+
+
+def sqlite_store(path: str, settings: Settings, cleanup_interval: float) -> SQLiteStore:
+    """The SQLite store in the file at ``path`` (created now), with the table of these settings."""
+    from .stores.sqlite import SQLiteStore
+
+    return SQLiteStore(os.path.abspath(path), table=settings.table, cleanup_interval=cleanup_interval)
+
+
+def store_from_url(url: str, settings: Settings, cleanup_interval: float = 0) -> SessionStore:
+    """The store a URL names, with the rest of these settings (format, key prefix, table): any URL that
+    REDIS_URL takes, ``postgresql://`` (or ``postgres://``), or ``sqlite:///relative/path`` and
+    ``sqlite:////absolute/path`` for a SQLite file. Not connected (a SQLite file is created)."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme in ("postgresql", "postgres"):
+        return postgres_from(dataclasses.replace(settings, database_url=url), cleanup_interval)
+    if scheme == "sqlite":
+        path = url[len("sqlite:///") :]
+        if not url.startswith("sqlite:///") or not path:
+            raise ConfigError(f"{url} is not a SQLite URL: sqlite:///relative/path or sqlite:////absolute/path")
+        return sqlite_store(path, settings, cleanup_interval)
+    if scheme.startswith(("redis", "rediss")) or scheme == "unix":
+        return redis_from(dataclasses.replace(settings, redis_url=url))
+    raise ConfigError(
+        f"{mask_url(url)} is not a session store URL: redis:// (or rediss://, unix://, redis+sentinel://, "
+        "redis+cluster://), postgresql:// or sqlite:///path"
+    )

@@ -1,7 +1,8 @@
 """The ``wsgisession`` command: check the store the environment selects, clean it up, create its table,
-list and end a user's sessions.
+list and end a user's sessions, move every session to another store.
 
-Usage: ``python -m wsgisession {check,cleanup,init-db [--sql],sessions [--json] USER_ID,revoke USER_ID}``.
+Usage: ``python -m wsgisession {check,cleanup,init-db [--sql],sessions [--json] USER_ID,revoke USER_ID,
+migrate --from URL --to URL [--dry-run]}``.
 Settings come from the same environment variables as the middleware. Exit status: 0 on success, 2 for a
 configuration error (or a store that cannot list a user's sessions), 1 when the store fails (or none answers).
 """
@@ -12,14 +13,16 @@ import argparse
 import json
 import logging
 import secrets
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
-from .builders import postgres_store
+from .builders import postgres_store, store_from_url
 from .core import SessionCore
 from .detection import NoStoreError, create_session_store
 from .settings import ConfigError, Settings, mask_url
@@ -66,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke", help="end every session of a user, printing how many")
     revoke.add_argument("user_id", metavar="USER_ID", help="the id the application logged the user in with")
     revoke.set_defaults(run=revoke_command)
+    migrate = commands.add_parser("migrate", help="move every live session to another store, as the application "
+                                  "serves; run it again to go on after an interruption")  # fmt: skip
+    migrate.add_argument("--from", dest="source", required=True, metavar="URL", help="the store sessions leave")
+    migrate.add_argument("--to", dest="target", required=True, metavar="URL", help="the store they move to")
+    migrate.add_argument("--dry-run", action="store_true", help="only count the live sessions that would move")
+    migrate.set_defaults(run=migrate_command)
     return parser
 
 
@@ -135,6 +144,39 @@ def revoke_command(args: argparse.Namespace) -> int:
         ended = SessionCore(settings, store).users.end_all(args.user_id)
     print(f"Ended {ended} session{'' if ended == 1 else 's'} of user {args.user_id}")
     return 0
+
+
+def migrate_command(args: argparse.Namespace) -> int:
+    """Move every live session from one store to the other, batch by batch (progress on stderr when it is
+    a terminal); a session the target holds already stays as it is there. Ctrl-C stops after the batch."""
+    from .stores.migrating import move
+
+    if args.source == args.target:
+        raise ConfigError("--from and --to name the same store")
+    settings = load_settings()
+    source = store_from_url(args.source, settings)
+    try:
+        if args.dry_run:
+            print(f"{source.count()} live sessions in {mask_url(args.source)} would move to {mask_url(args.target)}")
+            return 0
+        target = store_from_url(args.target, settings)
+        try:
+            target.setup()
+            progress = _Progress(source.count(), sys.stderr if sys.stderr.isatty() else None)
+            with _stop_on_interrupt() as stopped:
+                for batch in source.scan():
+                    progress.add(len(batch), move(source, target, batch))
+                    if stopped.is_set():
+                        break
+            print(progress.summary(mask_url(args.source), mask_url(args.target)))
+            if stopped.is_set():
+                print("Interrupted: run the same command again to move the rest", file=sys.stderr)
+                return 130
+            return 0
+        finally:
+            target.close()
+    finally:
+        source.close()
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -264,6 +306,43 @@ def _sql_kind(settings: Settings) -> str | None:
     if settings.database_url:
         return "postgres"
     return None if settings.redis_url else "sqlite"
+
+
+class _Progress:
+    """What a migration did so far, and a line on a terminal that says it, redrawn at most twice a second."""
+
+    def __init__(self, total: int, out: TextIO | None) -> None:
+        self.total, self.out = total, out
+        self.seen = self.copied = 0
+        self.start = self._shown = time.monotonic()
+
+    def add(self, seen: int, copied: int) -> None:
+        self.seen += seen
+        self.copied += copied
+        if self.out is not None and time.monotonic() - self._shown >= 0.5:
+            self._shown = time.monotonic()
+            rate = self.seen / max(self._shown - self.start, 1e-9)
+            left = max(self.total - self.seen, 0) / rate if rate else 0
+            print(f"\rMoved {self.seen:,} of ~{self.total:,} sessions ({rate:,.0f}/s, {left:,.0f} s left)   ",
+                  end="", file=self.out, flush=True)  # fmt: skip
+
+    def summary(self, source: str, target: str) -> str:
+        if self.out is not None:
+            print(file=self.out)
+        took = time.monotonic() - self.start
+        return (f"Moved {self.seen:,} sessions from {source} to {target} in {took:.1f} s ({self.seen / took:,.0f}/s): "
+                f"{self.copied:,} copied, {self.seen - self.copied:,} already there")  # fmt: skip
+
+
+@contextmanager
+def _stop_on_interrupt() -> Iterator[threading.Event]:
+    """An event that Ctrl-C (SIGINT) sets instead of raising KeyboardInterrupt, while the block runs."""
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    try:
+        yield stopped
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _fail(exc: Exception, status: int) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
-from .builders import postgres_from, redis_from, sqlite_from
+from .builders import postgres_from, redis_from, sqlite_from, store_from_url
 from .settings import ConfigError, Settings, mask_url
 from .stores.base import SessionStore, StoreError
 
@@ -23,9 +23,30 @@ REDIS_RETRIES = 3
 def create_session_store(settings: Settings, cleanup_interval: float | None = None) -> SessionStore:
     """Build the store the settings select, detecting Redis and PostgreSQL unless SESSION_STORE forces one.
 
-    ``cleanup_interval`` overrides the setting (the CLI passes 0: no thread).
+    ``cleanup_interval`` overrides the setting (the CLI passes 0: no thread). With SESSION_MIGRATE_FROM,
+    the store also moves each session it misses from the store that URL names.
     """
     interval = settings.cleanup_interval if cleanup_interval is None else cleanup_interval
+    store = _select(settings, interval)
+    if not settings.migrate_from:
+        return store
+    return _migrating(store, settings)
+
+
+def _migrating(store: SessionStore, settings: Settings) -> SessionStore:
+    """``store``, moving the sessions it misses from the one SESSION_MIGRATE_FROM names."""
+    from .stores.migrating import MigratingStore
+
+    url = settings.migrate_from or ""
+    if url in (settings.redis_url, settings.database_url):
+        raise ConfigError("SESSION_MIGRATE_FROM names the store sessions are kept in: name the one they move from")
+    log.info("Sessions missing here are looked up in %s and moved (SESSION_MIGRATE_FROM) until it holds none",
+             mask_url(url))  # fmt: skip
+    return MigratingStore(store, store_from_url(url, settings), until=settings.max_age)
+
+
+def _select(settings: Settings, interval: float) -> SessionStore:
+    """The store the settings select, detected unless SESSION_STORE forces one."""
     forced = settings.store
     if forced == "memory":
         from .stores.memory import MemoryStore

@@ -61,6 +61,7 @@ class Settings:
     pg_prepare: bool = True
     max_per_user: int = 0  # 0: no limit
     client_details: bool = False  # keep each logged-in session's user agent and IP, for the user's list
+    migrate_from: str | None = dataclasses.field(default=None, repr=False)  # the store sessions move from
 
     @classmethod
     def load(cls, environ: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
@@ -217,6 +218,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
     "max_per_user": ("SESSION_MAX_PER_USER", int),
     "client_details": ("SESSION_CLIENT_DETAILS", _flag),
+    "migrate_from": ("SESSION_MIGRATE_FROM", str),
 }
 
 
