@@ -9,18 +9,38 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from typing import Any
+from urllib.parse import urlsplit
 
 import django
 from django.conf import settings
-from servers import SECRET
+from servers import DATABASE_URL, SECRET, free_port, unique
 from upstream import sdist
 
 UPSTREAM_APP = "sessions_tests"
+# Databases that only test_django_migrate.py uses (it routes Django's sessions app there), never connected
+# otherwise: the shared PostgreSQL, in a schema of this process's own, and one where no server answers.
+SESSIONS_DATABASE, DOWN_DATABASE = "sessions_pg", "sessions_down"
+SESSIONS_SCHEMA = unique("django_sessions")
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
+
+
+def postgres(url: str, **options: Any) -> dict[str, Any]:
+    """Django's DATABASES entry for a PostgreSQL URL."""
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": parts.path.lstrip("/"),
+        "USER": parts.username or "",
+        "PASSWORD": parts.password or "",
+        "HOST": parts.hostname or "",
+        "PORT": parts.port or 5432,
+        "OPTIONS": options,
+    }
 
 
 def import_upstream_app() -> None:
@@ -47,7 +67,9 @@ if not settings.configured:
             "default": {
                 "ENGINE": "django.db.backends.sqlite3",
                 "NAME": "file:wsgisession_tests?mode=memory&cache=shared",
-            }
+            },
+            SESSIONS_DATABASE: postgres(DATABASE_URL, options=f"-c search_path={SESSIONS_SCHEMA}"),
+            DOWN_DATABASE: {**postgres(DATABASE_URL, connect_timeout=2), "PORT": free_port()},
         },
         INSTALLED_APPS=[
             "django.contrib.contenttypes",
