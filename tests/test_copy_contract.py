@@ -1,13 +1,15 @@
 """Copying sessions between stores: ``scan`` lists every live session in batches, ``add`` stores a copy
-unless a live session is there already. Run on every store kind, on the real servers: memory, SQLite,
-PostgreSQL, Redis (one server, behind Sentinels, a three-node cluster), the express format's stores
-(connect-redis's records, connect-pg-simple's table) and the Redis + PostgreSQL pair.
+unless a live session is there already, ``add_many`` a batch of them at once. Run on every store kind, on
+the real servers: memory, SQLite, PostgreSQL, Redis (one server, behind Sentinels, a three-node cluster),
+the express format's stores (connect-redis's records, connect-pg-simple's table) and the Redis +
+PostgreSQL pair.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -19,8 +21,8 @@ from redis_topologies import ClusterSetup, SentinelSetup
 from servers import drop_table, free_port, require_postgres, require_redis, unique
 from test_failover import PROBE, TIMEOUT
 from test_round_trips import Wire, counting_redis
-from test_users_sql import CountedPostgres, CountedSQLite
-from users_contract import binding, keys_of
+from test_users_sql import CountedConnectPg, CountedPostgres, CountedSQLite
+from users_contract import keys_of
 
 from wsgisession import SessionStore, StoreError
 from wsgisession.stores.base import USER_KEY, Changes, Record, encode_values
@@ -28,12 +30,15 @@ from wsgisession.stores.connect_pg import ConnectPgStore
 from wsgisession.stores.connect_redis import ConnectRedisStore
 from wsgisession.stores.express import ExpressDocument
 from wsgisession.stores.failover import FailoverStore
+from wsgisession.stores.memory import MemoryStore
+from wsgisession.stores.migrating import move
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
 
 EXPRESS = ["express-redis", "express-redis-cluster", "express-pg"]
 KINDS = ["memory", "sqlite", "postgres", "redis", "redis-sentinel", "redis-cluster", *EXPRESS, "pair"]
 DOCUMENT = ExpressDocument(3600)
+LOGIN = int(time.time())  # when the users of values() logged in
 
 
 # -- the stores --------------------------------------------------------------------------------
@@ -119,10 +124,10 @@ def lists_users(store: SessionStore) -> bool:
 
 
 def values(n: int = 0, user: str | None = None) -> dict[str, str]:
-    """A session's JSON texts, bound to ``user`` if given."""
+    """A session's JSON texts, bound to ``user`` if given (the same texts whenever asked, in any second)."""
     data = encode_values({"n": n, "cart": [n, {"name": "zoë 😀", "price": 0.1}], "seen": None, "big": 2**60})
     if user is not None:
-        data[USER_KEY] = binding(user)
+        data[USER_KEY] = json.dumps({"id": user, "login": LOGIN, "seen": LOGIN})
     return data
 
 
@@ -139,6 +144,42 @@ def everything(store: SessionStore, batch: int = 1000) -> tuple[list[list[tuple[
 def create_many(store: SessionStore, keys: list[str], ttl: float = 600) -> None:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda key: store.create(key, {"n": "1"}, ttl), keys))
+
+
+# -- replace (re-encryption's swap) ------------------------------------------------------------------
+
+
+def test_replace_swaps_values_that_still_hold_and_keeps_the_expiry(store: SessionStore) -> None:
+    if isinstance(store, ConnectRedisStore):  # the express format is never encrypted, so never rewritten
+        with pytest.raises(NotImplementedError):
+            store.replace(new_key(store), {}, {})
+        return
+    key, user = new_key(store), secrets.token_hex(8)
+    store.create(key, values(1, user), 600)
+    before = store.load(key)
+    assert before is not None
+    old = values(1, user)
+    assert store.replace(key, {"n": old["n"], "cart": old["cart"]}, {"n": '"sealed n"', "cart": '"sealed cart"'})
+    after = store.load(key)
+    assert after is not None
+    assert after.data == {**decoded(old), "n": "sealed n", "cart": "sealed cart"}
+    assert after.expires == pytest.approx(before.expires, abs=0.5)
+    if lists_users(store):
+        assert keys_of(store, user) == {key}
+
+
+def test_replace_writes_nothing_when_a_value_changed_or_the_session_is_gone(store: SessionStore) -> None:
+    if isinstance(store, ConnectRedisStore):
+        return  # refused: see above
+    key = new_key(store)
+    store.create(key, values(1), 600)
+    store.update(key, Changes({"n": "7"}), 600)  # a request wrote n after it was read
+    old = values(1)
+    assert not store.replace(key, {"n": old["n"], "cart": old["cart"]}, {"n": '"x"', "cart": '"y"'})
+    assert store.load(key).data == {**decoded(old), "n": 7}  # neither value written
+    store.delete(key)
+    assert not store.replace(key, {"cart": old["cart"]}, {"cart": '"y"'})
+    assert store.load(key) is None  # not brought back
 
 
 # -- add -----------------------------------------------------------------------------------------
@@ -182,6 +223,49 @@ def test_add_replaces_an_expired_record(store: SessionStore) -> None:
         assert keys_of(store, bob) == {key} and keys_of(store, ann) == set()
 
 
+# -- add_many: a migration's batch ------------------------------------------------------------------
+
+
+def test_add_many_stores_the_new_and_the_expired_never_the_live(store: SessionStore) -> None:
+    """One batch as a migration gives it: the sessions the store holds live stay as they are; those it
+    holds expired, and those it lacks, are stored with their expiry and their user; the count says how
+    many. Adding the batch again stores nothing."""
+    ann, bob = secrets.token_hex(8), secrets.token_hex(8)
+    live, expired, new = ([new_key(store) for _ in range(3)] for _ in range(3))
+    for key in live:
+        store.create(key, values(1, ann), 600)
+    for key in expired:
+        store.create(key, values(2, ann), 0.05)
+    time.sleep(0.15)
+    expires = time.time() + 4321.5
+    batch = [(key, values(3 + n, bob if n % 2 else None), expires) for n, key in enumerate(live + expired + new)]
+    random.shuffle(batch)
+    assert store.add_many(batch) == len(expired) + len(new)
+    copies = {key: data for key, data, _ in batch}
+    for key in live + expired + new:
+        record = store.load(key)
+        assert record is not None
+        if key in live:
+            assert record.data == decoded(values(1, ann))
+            assert record.expires == pytest.approx(time.time() + 600, abs=2)
+        else:
+            assert record.data == decoded(copies[key])
+            assert record.expires == pytest.approx(expires, abs=1)
+    if lists_users(store):
+        assert keys_of(store, ann) == set(live)
+        assert keys_of(store, bob) == {key for key in expired + new if USER_KEY in copies[key]} != set()
+    assert store.add_many(batch) == 0
+
+
+def test_add_many_stores_the_first_of_a_key_given_twice(store: SessionStore) -> None:
+    """A Redis SCAN may give a key twice, so a batch may hold it twice: it is stored once, the first."""
+    key, other, expires = new_key(store), new_key(store), time.time() + 600
+    assert store.add_many([(key, values(1), expires), (other, values(2), expires), (key, values(3), expires)]) == 2
+    record = store.load(key)
+    assert record is not None and record.data == decoded(values(1))
+    assert store.add_many([]) == 0
+
+
 # -- scan ----------------------------------------------------------------------------------------
 
 
@@ -191,6 +275,7 @@ def test_scan_yields_every_live_session_and_nothing_else(store: SessionStore, ca
     user = secrets.token_hex(8)
     live = {new_key(store): values(n, user if n % 2 else None) for n in range(12)}
     live[new_key(store)] = {}  # an empty session is a session
+    created = time.time()
     for key, data in live.items():
         store.create(key, data, 600)
     for _ in range(3):
@@ -202,7 +287,7 @@ def test_scan_yields_every_live_session_and_nothing_else(store: SessionStore, ca
     assert found.keys() == live.keys()
     for key, data in live.items():
         assert found[key].data == decoded(data)
-        assert found[key].expires == pytest.approx(time.time() + 600, abs=2)
+        assert created + 600 - 0.01 <= found[key].expires <= time.time() + 600
     assert all(0 < len(batch) <= 5 for batch in batches)
     if not isinstance(store, RedisStore):  # SCAN may return a key twice
         assert sum(map(len, batches)) == len(live)
@@ -238,21 +323,25 @@ def test_scan_of_an_empty_store_yields_nothing(store: SessionStore) -> None:
 # -- copying from one store to another ---------------------------------------------------------
 
 
-def copy(source: SessionStore, target: SessionStore) -> int:
-    """What a migration does: every session of ``source`` added to ``target``; how many it took."""
-    return sum(
-        target.add(key, encode_values(record.data), record.expires)
-        for found in source.scan(batch=7)
-        for key, record in found
-    )
+def copy(source: SessionStore, target: SessionStore, batched: bool = False) -> int:
+    """What a migration does: every session of ``source`` added to ``target`` (one by one, or a batch at
+    a time); how many it took."""
+    copied = 0
+    for found in source.scan(batch=7):
+        copies = [(key, encode_values(record.data), record.expires) for key, record in found]
+        copied += target.add_many(copies) if batched else sum(target.add(*copy) for copy in copies)
+    return copied
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["add", "add_many"])
 @pytest.mark.parametrize(
     ("source_kind", "target_kind"),
     [("redis", "postgres"), ("postgres", "sqlite"), ("sqlite", "redis"), ("express-redis", "express-pg"),
      ("memory", "pair"), ("pair", "redis-cluster")],
 )  # fmt: skip
-def test_a_copy_loads_as_the_original(build: Callable[[str], Any], source_kind: str, target_kind: str) -> None:
+def test_a_copy_loads_as_the_original(
+    build: Callable[[str], Any], source_kind: str, target_kind: str, batched: bool
+) -> None:
     """Every session loads from the target as from the source, bound to the same user; one the
     target has already stays as it is there, and copying again copies nothing."""
     source, target = build(source_kind), build(target_kind)
@@ -264,7 +353,7 @@ def test_a_copy_loads_as_the_original(build: Callable[[str], Any], source_kind: 
     theirs = list(sessions)[:2]  # the target's own, newer: a user who came back meanwhile
     for key in theirs:
         target.create(key, {"newer": "true"}, 900)
-    assert copy(source, target) == len(sessions) - 2
+    assert copy(source, target, batched) == len(sessions) - 2
     for key in sessions:
         copied, original = target.load(key), source.load(key)
         assert copied is not None and original is not None
@@ -276,7 +365,7 @@ def test_a_copy_loads_as_the_original(build: Callable[[str], Any], source_kind: 
     if lists_users(source) and lists_users(target):
         bound = {key for key, data in sessions.items() if USER_KEY in data and key not in theirs}
         assert keys_of(target, user) == keys_of(source, user) - set(theirs) == bound
-    assert copy(source, target) == 0
+    assert copy(source, target, batched) == 0
 
 
 # -- round trips -----------------------------------------------------------------------------------
@@ -328,6 +417,84 @@ def test_postgresql_prepares_the_add_a_copy_repeats(database_url: str) -> None:
     finally:
         store.close()
         drop_table(database_url, table)
+
+
+@pytest.mark.parametrize("cls", [CountedPostgres, CountedConnectPg])
+def test_postgresql_adds_a_batch_in_one_prepared_statement(cls: type[Any], database_url: str) -> None:
+    """A migration's batch: one statement whatever its size, parsed and planned once per connection."""
+    table = unique("batch")
+    options = {"document": DOCUMENT} if cls is CountedConnectPg else {}
+    store = cls(database_url, table=table, cleanup_interval=0, pool_size=1, **options)
+    try:
+        store.statements.clear()
+        for size in (1000, 10, 1000):
+            assert store.add_many([(new_key(store), values(n), time.time() + 600) for n in range(size)]) == size
+        assert [statement.split()[0] for statement in store.statements] == ["PREPARE", "EXECUTE", "EXECUTE"]
+    finally:
+        store.close()
+        drop_table(database_url, table)
+
+
+def test_sqlite_adds_a_batch_in_one_transaction(tmp_path: Any) -> None:
+    """In-process, a statement per session costs no round trip; one commit for the batch, not one each."""
+    store = CountedSQLite(str(tmp_path / "batch.sqlite3"), table="batch", cleanup_interval=0)
+    try:
+        store.statements.clear()
+        assert store.add_many([(new_key(store), values(n), time.time() + 600) for n in range(1000)]) == 1000
+        assert store.statements[0] == "BEGIN IMMEDIATE" and store.statements[-1] == "COMMIT"
+        assert len(store.statements) == 1002
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
+def test_a_redis_add_many_is_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
+    """A migration's batch: one pipelined round trip, whatever its size."""
+    wire = Wire()
+    options = {"document": DOCUMENT} if cls is ConnectRedisStore else {}
+    store = cls(client=counting_redis(redis_url, wire), prefix=unique("trips") + ":", **options)
+    try:
+        batch = [(new_key(store), values(n), time.time() + 600) for n in range(1000)]
+        store.add(*batch[0])  # the connection opened, the script loaded
+        wire.trips.clear()
+        assert store.add_many(batch) == 999
+        assert len(wire.trips) == 1
+    finally:
+        store.clear()
+        store.close()
+
+
+def test_a_server_that_lost_the_script_still_takes_the_batch(private_redis: Any) -> None:
+    """A Redis restarted or flushed meanwhile lacks the script: each copy runs again, sent the script itself."""
+    store = RedisStore(private_redis.url, prefix="lost:")
+    user = secrets.token_hex(8)
+    try:
+        store.add(new_key(store), values(0), time.time() + 600)
+        store.client.script_flush()
+        batch = [(new_key(store), values(n, user), time.time() + 600) for n in range(5)]
+        assert store.add_many(batch) == 5
+        assert keys_of(store, user) == {key for key, _, _ in batch}
+    finally:
+        store.close()
+
+
+def test_a_migration_copies_each_batch_in_one_round_trip(redis_url: str) -> None:
+    """move(), which the command runs for every batch it reads: the batch reaches the new store in one
+    round trip, and leaves the old one."""
+    wire = Wire()
+    old, new = MemoryStore(), RedisStore(client=counting_redis(redis_url, wire), prefix=unique("move") + ":")
+    try:
+        keys = [secrets.token_hex(32) for _ in range(1000)]
+        for n, key in enumerate(keys):
+            old.create(key, values(n), 600)
+        new.add(secrets.token_hex(32), values(), time.time() + 600)  # the connection opened, the script loaded
+        wire.trips.clear()
+        assert sum(move(old, new, batch) for batch in old.scan(batch=500)) == 1000
+        assert len(wire.trips) == 2
+        assert list(old.scan()) == [] and all(new.load(key) is not None for key in keys)
+    finally:
+        new.clear()
+        new.close()
 
 
 # -- the pair: what the cache gets ----------------------------------------------------------------
@@ -425,7 +592,8 @@ def test_a_copy_the_cache_missed_is_marked(private_redis: Any, database_url: str
         drop_table(database_url, table)
 
 
-def test_the_pair_takes_no_copy_while_the_durable_store_is_away(redis_url: str) -> None:
+@pytest.mark.parametrize("batched", [False, True], ids=["add", "add_many"])
+def test_the_pair_takes_no_copy_while_the_durable_store_is_away(redis_url: str, batched: bool) -> None:
     """Only the durable store can tell whether a session is there: without it, no copy."""
     prefix = unique("away") + ":"
     durable = PostgresStore(f"postgresql://postgres@127.0.0.1:{free_port()}/test", cleanup_interval=0,
@@ -433,8 +601,9 @@ def test_the_pair_takes_no_copy_while_the_durable_store_is_away(redis_url: str) 
     pair = FailoverStore(RedisStore(redis_url, prefix=prefix), durable, durable_up=False, probe_interval=60)
     try:
         key = secrets.token_hex(32)
+        copy = (key, values(1), time.time() + 600)
         with pytest.raises(StoreError):
-            pair.add(key, values(1), time.time() + 600)
+            pair.add_many([copy]) if batched else pair.add(*copy)
         assert pair.cache.load(key) is None
     finally:
         pair.close()

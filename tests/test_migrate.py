@@ -24,7 +24,7 @@ from test_cli import assert_one_line_error, run_cli
 
 from wsgisession import ConfigError, SessionMiddleware, SessionStore, Settings, create_session_store
 from wsgisession.stores.base import USER_KEY, encode_values
-from wsgisession.stores.migrating import MigratingStore
+from wsgisession.stores.migrating import ENDED, MigratingStore
 
 LOG = "wsgisession"
 
@@ -134,8 +134,10 @@ def test_a_logout_ends_the_session_in_both_stores(places: Places) -> None:
     record = old_store.load(key)
     new_store.add(key, encode_values(record.data), record.expires)  # a copy left behind in the old store
     after.get("/logout")
-    assert all_keys(old_store) == set() and all_keys(new_store) == set()
+    assert all_keys(old_store) == set() and new_store.load(key) is None
+    assert [record.data for _, record in next(iter(new_store.scan()))] == [{ENDED: True}]  # a marker, no values
     assert after.get("/inc").json["user"] is None  # the copy left behind did not come back
+    assert not new_store.add(key, encode_values(record.data), record.expires)  # nor can a copy read before
 
 
 def test_unknown_sessions_and_new_ones_cost_nothing_in_the_old_store(places: Places) -> None:
@@ -283,7 +285,10 @@ def test_migrate_refuses_bad_urls_in_one_line(places: Places, tmp_path: Path) ->
 
 def test_an_interrupted_migration_goes_on_when_run_again(places: Places, tmp_path: Path) -> None:
     source, target = places.store("postgres"), places.store("sqlite")
-    keys = fill(source, 20_000)
+    keys = {secrets.token_hex(32) for _ in range(200_000)}  # enough for the progress line to be drawn
+    batch = list(keys)
+    for start in range(0, len(batch), 1000):
+        source.add_many([(key, {"n": "1"}, time.time() + 600) for key in batch[start : start + 1000]])
     primary, replica = pty.openpty()  # stderr a terminal: the progress line is drawn
     env = {**os.environ, "SESSION_SECRET": SECRET, **places.env}
     command = [sys.executable, "-m", "wsgisession", "migrate", "--from", places.urls["postgres"],

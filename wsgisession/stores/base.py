@@ -45,6 +45,11 @@ class Changes(NamedTuple):
 USER_KEY = "wsgisession.user"
 
 
+#: A session copied from another store, as :meth:`SessionStore.add_many` takes it: its key, the JSON text of
+#: each value, its expiry (Unix seconds).
+Copy = tuple[str, Mapping[str, str], float]
+
+
 class UserRecord(NamedTuple):
     """One live session of a user, as a store lists it: its key, its binding (USER_KEY's value), its expiry."""
 
@@ -127,11 +132,22 @@ class SessionStore(ABC):
         session, so copying again never goes back in time; an expired record under key is replaced."""
         raise NotImplementedError(f"the {self.name} store cannot take copies of sessions")
 
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """:meth:`add` each of these sessions (key, JSON texts, expiry), in as few round trips as the
+        backend allows (a migration's batch); return how many it stored."""
+        return sum(self.add(key, data, expires) for key, data, expires in sessions)
+
     def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
         """Every live session as (key, record), ``batch`` or so at a time, in flat memory whatever the
         number of sessions (for copying them to another store). Sessions written during the scan may or
         may not be seen; on Redis one may be seen twice (SCAN's guarantee)."""
         raise NotImplementedError(f"the {self.name} store cannot list its sessions")
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        """Set the values ``new`` (JSON texts) if each of ``expected`` (the same names, JSON texts) still
+        holds, compared as JSON values, in one atomic step; the expiry stays. False, writing nothing,
+        when the session is gone or a value changed (for rewriting values without undoing a request's write)."""
+        raise NotImplementedError(f"the {self.name} store cannot swap values")
 
     def count(self) -> int:
         """How many live sessions :meth:`scan` would give (an estimate where sessions come and go)."""
@@ -251,6 +267,11 @@ def encode_values(data: Mapping[str, Any]) -> dict[str, str]:
     return {k: _ascii_json(v) for k, v in data.items()}
 
 
+def holds(data: Mapping[str, Any], expected: Mapping[str, str]) -> bool:
+    """Whether a stored session (``data``, decoded) holds each of ``expected``'s values (JSON texts)."""
+    return all(name in data and data[name] == json_value(text) for name, text in expected.items())
+
+
 def merged(data: Mapping[str, Any], changes: Changes) -> dict[str, str]:
     """The JSON text of each value of a stored session (``data``, decoded) once ``changes`` are
     applied, for a store that merges in Python: changed values as the request encoded them."""
@@ -322,3 +343,24 @@ class Periodic:
         self._lock, self._stop, self._thread = threading.Lock(), threading.Event(), None
         if stopped:
             self._stop.set()
+
+
+class RateLimitedLog:
+    """A WARNING that may repeat often (a store outage, an attack) logged at most once a
+    minute, with a count of the repeats it held back."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def report(self, message: str, *args: object) -> None:
+        with self._lock:
+            t = time.monotonic()
+            if t < self._next:
+                self._suppressed += 1
+                return
+            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
+            self._next, self._suppressed = t + self._interval, 0
+        log.warning(message + more, *args)

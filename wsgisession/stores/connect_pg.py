@@ -29,7 +29,6 @@ class ConnectPgStore(PostgresStore):
     """
 
     columns = ("sid", "sess", "expire")
-    rewrite_lock = " FOR UPDATE"
 
     def __init__(self, dsn: str, *, document: ExpressDocument, table: str = "session", **options: Any) -> None:
         self.document = document
@@ -56,10 +55,18 @@ class ConnectPgStore(PostgresStore):
         ]
 
     def _create_sql(self) -> str:
+        return self._upsert("VALUES (%s, %s, to_timestamp(%s), %s)")
+
+    def _upsert(self, rows: str) -> str:
         return (
-            f"INSERT INTO {self.table} (sid, sess, expire, {USER_COLUMN}) VALUES (%s, %s, to_timestamp(%s), %s) "
-            f"ON CONFLICT (sid) DO UPDATE SET sess = excluded.sess, expire = excluded.expire, "
-            f"{USER_COLUMN} = excluded.{USER_COLUMN}"
+            f"INSERT INTO {self.table} (sid, sess, expire, {USER_COLUMN}) {rows} ON CONFLICT (sid) DO UPDATE SET "
+            f"sess = excluded.sess, expire = excluded.expire, {USER_COLUMN} = excluded.{USER_COLUMN}"
+        )
+
+    def _copied_rows(self) -> str:
+        return (
+            "SELECT k, d::json, to_timestamp(e), u::jsonb "
+            "FROM unnest(%s::text[], %s::text[], %s::float8[], %s::text[]) AS rows(k, d, e, u)"
         )
 
     def _create_params(self, key: str, data: Mapping[str, str], expires: float) -> tuple[Any, ...]:

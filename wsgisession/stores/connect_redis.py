@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
 
-from .base import Changes, Record, StoreError, UserRecord, merged, now
+from .base import Changes, Copy, Record, StoreError, UserRecord, merged, now
 from .express import ExpressDocument
 from .redis import ERRORS, RedisStore, milliseconds, pipelined
 
@@ -59,15 +59,24 @@ class ConnectRedisStore(RedisStore):
         return self.document.load(raw, now() + max(pttl, 0) / 1000, "Redis")
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
-        self._set(key, data, now() + ttl)
+        self._run(self._set, self.client, key, data, now() + ttl)
 
     def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
         """SET NX: the document as :meth:`create` writes it, unless the key exists."""
-        return self._set(key, data, expires, nx=True)
+        return bool(self._run(self._set, self.client, key, data, expires, nx=True))
 
-    def _set(self, key: str, data: Mapping[str, str], expires: float, nx: bool = False) -> bool:
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """add's SET NX for every session, in one pipelined round trip (on a cluster, one to each node
+        that holds some of them)."""
+        pipe = self.client.pipeline(transaction=False)
+        for key, data, expires in sessions:
+            self._set(pipe, key, data, expires, nx=True)
+        return sum(1 for stored in self._run(pipe.execute) if stored)
+
+    def _set(self, client: Any, key: str, data: Mapping[str, str], expires: float, nx: bool = False) -> Any:
+        """SET the session's document with its TTL, on ``client`` (or on a pipeline, which queues it)."""
         document = self.document.dump(data, expires)
-        return bool(self._run(self.client.set, self.prefix + key, document, px=milliseconds(expires - now()), nx=nx))
+        return client.set(self.prefix + key, document, px=milliseconds(expires - now()), nx=nx)
 
     def touch(self, key: str, ttl: float) -> bool:
         return bool(self._run(self.client.pexpire, self.prefix + key, milliseconds(ttl)))
@@ -93,6 +102,9 @@ class ConnectRedisStore(RedisStore):
         except ERRORS as exc:
             raise StoreError(f"Redis: {exc}") from exc
         raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        raise NotImplementedError("the express format's sessions are not encrypted, so never rewritten")
 
     def user_sessions(self, user: str) -> list[UserRecord]:
         raise NotImplementedError(_NO_INDEX)

@@ -28,11 +28,13 @@ from typing import Any
 from .base import (
     CacheStore,
     Changes,
+    Copy,
     DurableStore,
     Periodic,
     Record,
     SessionStore,
     StoreError,
+    T,
     UserRecord,
     after_fork,
     beyond_limit,
@@ -178,18 +180,31 @@ class FailoverStore(SessionStore):
         # between the two writes finds no copy in the cache to drop, so the cache keeps the copy only
         # while the durable store still holds it (as _refill does); a cache that missed it is marked.
         self._first_use()
-        if not self.durable_health.up:
-            raise StoreError(f"{self.durable.name} is unavailable: only it can tell whether a session is there")
         with self._gate.write():
-            try:
-                added = self.durable.add(key, data, expires)
-            except StoreError as exc:
-                self._durable_failed(exc)
-                raise
+            added = self._copy_in(lambda durable: durable.add(key, data, expires))
             if added and not self._add_to_cache(key, data, expires):
                 self._repair.mark(key)  # before the copy is acknowledged: the cache's copy may be out of date
                 self._around.touch()
         return added
+
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """Into the durable store alone, in its batches: the cache takes each copy at its first read, as
+        any session it misses (a refill, which drops a copy that changed meanwhile), rather than a
+        batch of copies to check one by one against the durable store as :meth:`add` checks its one."""
+        self._first_use()
+        with self._gate.write():
+            return self._copy_in(lambda durable: durable.add_many(sessions))
+
+    def _copy_in(self, operation: Callable[[DurableStore], T]) -> T:
+        """``operation``, which copies sessions into the durable store: refused while it is away (only
+        it can tell whether a session is there), its failure noted."""
+        if not self.durable_health.up:
+            raise StoreError(f"{self.durable.name} is unavailable: only it can tell whether a session is there")
+        try:
+            return operation(self.durable)
+        except StoreError as exc:
+            self._durable_failed(exc)
+            raise
 
     def _add_to_cache(self, key: str, data: Mapping[str, str], expires: float) -> bool:
         """Give the cache the copy the durable store took, unless it holds a session of its own under
@@ -218,6 +233,9 @@ class FailoverStore(SessionStore):
 
     def touch(self, key: str, ttl: float) -> bool:
         return bool(self._write(key, lambda s: s.touch(key, ttl), written=True))
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        return bool(self._write(key, lambda s: s.replace(key, expected, new), written=True))
 
     def delete(self, key: str) -> None:
         self._write(key, lambda s: s.delete(key), written=False)

@@ -11,11 +11,13 @@ from .base import (
     USER_KEY,
     CacheStore,
     Changes,
+    Copy,
     DurableStore,
     Record,
     UserRecord,
     beyond_limit,
     bound_user,
+    holds,
     json_value,
     log,
     now,
@@ -47,10 +49,18 @@ class MemoryStore(CacheStore, DurableStore):
 
     def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
         with self._lock:
-            if self._live(key) is not None:
-                return False
-            self._sessions[key] = (dict(data), expires)
-            return True
+            return self._add(key, data, expires)
+
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """Under the lock once for the whole batch."""
+        with self._lock:
+            return sum(self._add(key, data, expires) for key, data, expires in sessions)
+
+    def _add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
+        if self._live(key) is not None:
+            return False
+        self._sessions[key] = (dict(data), expires)
+        return True
 
     def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
         """The keys first, then each batch's sessions as they are then (copied under the lock)."""
@@ -74,6 +84,14 @@ class MemoryStore(CacheStore, DurableStore):
                 data.pop(k, None)
             data.update(changes.set)
             self._sessions[key] = (data, now() + ttl)
+            return True
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None or not holds({k: json_value(v) for k, v in entry[0].items() if k in expected}, expected):
+                return False
+            entry[0].update(new)
             return True
 
     def touch(self, key: str, ttl: float) -> bool:

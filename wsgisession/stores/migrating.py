@@ -13,20 +13,24 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from .base import Changes, Periodic, Record, SessionStore, StoreError, UserRecord, encode_values, log
+from .base import Changes, Copy, Periodic, Record, SessionStore, StoreError, UserRecord, encode_values, log
 
 #: how often (seconds) each process checks whether the old store still holds a live session
 CHECK_INTERVAL = 60.0
+#: What a session ended while sessions move is replaced with in the new store, rather than deleted:
+#: a copy of it read from the old store before (by the command, say) then finds the key taken.
+ENDED = "wsgisession.ended"
 
 
 def move(old: SessionStore, new: SessionStore, sessions: Sequence[tuple[str, Record]]) -> int:
     """Copy ``sessions`` (read from ``old``) into ``new`` where it has none of them yet, keeping their
-    expiry, then delete them from ``old``; return how many were copied.
+    expiry, in one batch (:meth:`~.base.SessionStore.add_many`), then delete them from ``old``; return
+    how many were copied.
 
     A session ``new`` holds already stays as it is: it was moved before and may have changed since.
     Deleting only after copying means an interrupted move loses nothing: moving again finishes it.
     """
-    copied = sum(new.add(key, encode_values(record.data), record.expires) for key, record in sessions)
+    copied = new.add_many([(key, encode_values(record.data), record.expires) for key, record in sessions])
     old.delete_many([key for key, _ in sessions])
     return copied
 
@@ -34,16 +38,19 @@ def move(old: SessionStore, new: SessionStore, sessions: Sequence[tuple[str, Rec
 class MigratingStore(SessionStore):
     """The ``new`` store, which on a miss looks the session up in the ``old`` one and moves it across.
 
-    Everything is written to ``new``; a delete (a logout, a user's sessions ended) reaches ``old`` too,
-    so that a copy left there can never come back. ``old`` is no longer consulted once it holds no live
-    session (checked every :data:`CHECK_INTERVAL` seconds) or ``until`` seconds have passed (no session
-    written before the move outlives the idle timeout). Failures of ``old`` read as a miss, logged.
+    Everything is written to ``new``. A delete (a logout, a user's sessions ended) reaches ``old`` too,
+    and leaves a marker (:data:`ENDED`) in ``new`` for the rest of the move, so that no copy of the
+    session, left in ``old`` or read from it earlier by ``wsgisession migrate``, can bring it back.
+    ``old`` is no longer consulted once it holds no live session (checked every :data:`CHECK_INTERVAL`
+    seconds) or ``until`` seconds have passed (no session written before the move outlives the idle
+    timeout). Failures of ``old`` read as a miss, logged.
     """
 
     def __init__(self, new: SessionStore, old: SessionStore, until: float) -> None:
         self.new = new
         self.old = old
         self.name = new.name
+        self._until = until
         self._deadline = time.monotonic() + until
         self._consulting = True
         self._moved = 0
@@ -61,7 +68,7 @@ class MigratingStore(SessionStore):
     def load(self, key: str) -> Record | None:
         record = self.new.load(key)
         if record is not None or not self.consulting:
-            return record
+            return _live(record)
         self._checker.start()
         try:
             found = self.old.load(key)
@@ -69,12 +76,12 @@ class MigratingStore(SessionStore):
             log.warning("Could not look the session up in %s, which sessions move from: %s", self.old.name, exc)
             return None
         if found is None:  # never there, or another request moved it between the two reads
-            return self.new.load(key)
+            return _live(self.new.load(key))
         if move(self.old, self.new, [(key, found)]):
             with self._lock:
                 self._moved += 1
             return found
-        return self.new.load(key)  # another request (or the command) moved it first: theirs is the one
+        return _live(self.new.load(key))  # another request (or the command) moved it first: theirs is the one
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         self.new.create(key, data, ttl)
@@ -85,17 +92,23 @@ class MigratingStore(SessionStore):
     def touch(self, key: str, ttl: float) -> bool:
         return self.new.touch(key, ttl)
 
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        return self.new.replace(key, expected, new)
+
     def delete(self, key: str) -> None:
         self.delete_many([key])
 
     def delete_many(self, keys: Sequence[str]) -> None:
-        self.new.delete_many(keys)
-        if self.consulting:
-            try:
-                self.old.delete_many(keys)
-            except StoreError as exc:
-                log.warning("Could not delete %d sessions from %s too, which sessions move from: %s",
-                            len(keys), self.old.name, exc)  # fmt: skip
+        if not self.consulting:
+            self.new.delete_many(keys)
+            return
+        for key in keys:
+            self.new.create(key, {ENDED: "true"}, self._until)
+        try:
+            self.old.delete_many(keys)
+        except StoreError as exc:
+            log.warning("Could not delete %d sessions from %s too, which sessions move from: %s",
+                        len(keys), self.old.name, exc)  # fmt: skip
 
     def user_sessions(self, user: str) -> list[UserRecord]:
         """The user's sessions in both stores while the old one is consulted (those it cannot list, or
@@ -115,6 +128,9 @@ class MigratingStore(SessionStore):
     def add(self, key: str, data: Mapping[str, str], expires: float) -> bool:
         return self.new.add(key, data, expires)
 
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        return self.new.add_many(sessions)
+
     def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
         return self.new.scan(batch)
 
@@ -131,6 +147,8 @@ class MigratingStore(SessionStore):
         return self.new.cleanup()
 
     def close(self) -> None:
+        if self._moved > self._reported:
+            log.info("Moved %d sessions from %s", self._moved, self.old.name)
         self._checker.stop()
         self.new.close()
         self.old.close()
@@ -162,3 +180,8 @@ class MigratingStore(SessionStore):
             self._consulting = False
         log.info("Moved %d sessions from %s; it is no longer consulted: %s", self._moved, self.old.name, why)
         self._checker.stop()
+
+
+def _live(record: Record | None) -> Record | None:
+    """The record, unless it is the marker of a session ended while sessions move."""
+    return None if record is None or ENDED in record.data else record

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import psycopg2
@@ -11,7 +12,7 @@ import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 
-from .base import USER_KEY, Changes, json_object, log, now
+from .base import USER_KEY, Changes, Copy, json_object, log, now
 from .sql import SQLStore
 
 
@@ -25,6 +26,7 @@ class PostgresStore(SQLStore):
     time_type = "TIMESTAMPTZ"
     mark_type = "BIGSERIAL"
     nulls_last = " NULLS LAST"
+    rewrite_lock = " FOR UPDATE"
     errors = (psycopg2.Error,)
 
     def __init__(
@@ -44,16 +46,17 @@ class PostgresStore(SQLStore):
         super().__init__(table, cleanup_interval, pool_size, timeout)
         self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
         self._sql_merge = self._merge_sql()
+        self._sql_add_many = self._copy_sql(self._upsert(self._copied_rows()))
         # ANY(ARRAY(...)): the keys are found first, then deleted through the primary key. With IN (...),
         # PostgreSQL may join the subquery to a scan of the whole table instead: it cannot estimate how
         # many sessions one user has (a partial index's expression has no statistics).
         i = self.columns[0]
         self._sql_trim_user = f"DELETE FROM {self.table} WHERE {i} = ANY(ARRAY({self._sql_beyond})) RETURNING {i}"
         # The statements each request runs, prepared once per connection: the server then
-        # parses and plans them once, not on every call (about a fifth of a read's time); and the add
-        # that copies sessions in, which a copy runs once per session.
+        # parses and plans them once, not on every call (about a fifth of a read's time); and the adds
+        # that copy sessions in, which a migration repeats.
         statements = (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge,
-                      self._sql_add)  # fmt: skip
+                      self._sql_add, self._sql_add_many)  # fmt: skip
         self._prepared = {sql: _prepared(sql) for sql in statements} if prepare else {}
         if create_table:
             self.setup()
@@ -91,6 +94,20 @@ class PostgresStore(SQLStore):
         psycopg2.extras.register_default_json(conn, loads=_text)
         psycopg2.extras.register_default_jsonb(conn, loads=_text)
         return conn
+
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """One statement for the batch, its values in one array per column (so its text, prepared, is the
+        same whatever the batch): its rowcount counts the rows inserted or replaced, the copies stored."""
+        if not sessions:
+            return 0
+        columns = zip(*(self._create_params(*session) for session in _distinct(sessions)), strict=True)
+        with self._cursor() as cur:
+            self._execute(cur, self._sql_add_many, (*map(list, columns), now()))
+            return int(cur.rowcount)
+
+    def _copied_rows(self) -> str:
+        """add_many's rows: a SELECT from one array for each of :meth:`_create_params`' values."""
+        return "SELECT k, d::jsonb, to_timestamp(e) FROM unnest(%s::text[], %s::text[], %s::float8[]) AS rows(k, d, e)"
 
     def trim_user(self, user: str, limit: int, keep: str | None = None) -> list[str]:
         """One statement: DELETE ... RETURNING."""
@@ -155,6 +172,15 @@ class PostgresStore(SQLStore):
 
 def _text(value: str) -> str:
     return value
+
+
+def _distinct(sessions: Sequence[Copy]) -> Iterable[Copy]:
+    """The first session of each key (adding the next would find it live): one upsert may change a row
+    once only, and a Redis SCAN may give a key twice."""
+    first: dict[str, Copy] = {}
+    for session in sessions:
+        first.setdefault(session[0], session)
+    return first.values()
 
 
 class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]

@@ -22,7 +22,7 @@ import hashlib
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
 import redis
@@ -37,6 +37,7 @@ from .base import (
     USER_KEY,
     CacheStore,
     Changes,
+    Copy,
     Record,
     StoreError,
     UserRecord,
@@ -218,9 +219,32 @@ end
 return ended
 """
 )
+# Set fields only if each still holds what it held (as JSON values), the expiry kept. ARGV: n, then n
+# field names, their n expected JSON texts, their n new ones.
+_SWAP = """
+local function same(a, b)
+  if type(a) ~= type(b) then return false end
+  if type(a) ~= 'table' then return a == b end
+  for k, v in pairs(a) do if not same(v, b[k]) then return false end end
+  for k in pairs(b) do if a[k] == nil then return false end end
+  return true
+end
+local n = tonumber(ARGV[1])
+for i = 2, n + 1 do
+  local stored, expected = redis.call('hget', KEYS[1], ARGV[i]), ARGV[i + n]
+  if not stored then return 0 end
+  if stored ~= expected then
+    local ok, a = pcall(cjson.decode, stored)
+    local _, b = pcall(cjson.decode, expected)
+    if not (ok and same(a, b)) then return 0 end
+  end
+end
+for i = 2, n + 1 do redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 2 * n]) end
+return 1
+"""
 _DIGESTS = {
     script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
-    for script in (_UPDATE, _CREATE, _ADD, _INDEX, _LIST, _TRIM)
+    for script in (_UPDATE, _CREATE, _ADD, _INDEX, _LIST, _TRIM, _SWAP)
 }
 
 
@@ -294,22 +318,38 @@ class RedisStore(CacheStore):
         index then told as :meth:`create` tells it."""
         return self._write(_ADD, key, data, expires - now())
 
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """add's script for every session, in one pipelined round trip (on a cluster, one to each node
+        that holds some of them; then one more for the users' indexes of the bound ones stored)."""
+        writes = [(self.prefix + key, *self._whole(key, data, expires - now())) for key, data, expires in sessions]
+        replies = self._scripts(_ADD, [(name, args) for name, args, _ in writes])
+        stored = [member for (*_, member), reply in zip(writes, replies, strict=True) if reply == 1]  # not an error
+        self._index_copies([member for member in stored if member is not None])
+        _raise_first_error(replies)
+        return len(stored)
+
     def _write(self, script: str, key: str, data: Mapping[str, str], ttl: float) -> bool:
         """Write a whole session with ``script`` (:data:`_CREATE` or :data:`_ADD`), and on a cluster
         give its user's index the session written; False when the script wrote nothing."""
+        args, member = self._whole(key, data, ttl)
+        if not self._run(self._script, script, self.prefix + key, *args):
+            return False
+        if member is not None:
+            self._tell_index(member, created=True)
+        return True
+
+    def _whole(self, key: str, data: Mapping[str, str], ttl: float) -> tuple[list[Any], _Member | None]:
+        """The arguments of a script that writes a whole session (:data:`_CREATE`, :data:`_ADD`), and on
+        a cluster, for a bound session, what its user's index is told once it is written."""
         t, ms = self._clock(ttl)
         args: list[Any] = [ms, t, *self._mode()]
         for field, value in data.items():
             args += (field, value)
         args += (EXPIRES, repr(t / 1000 + ttl))
         user = _user_in(data.get(USER_KEY)) if self._cluster else None
-        if user is not None:
-            args += (INDEXED, t + ms)
-        if not self._run(self._script, script, self.prefix + key, *args):
-            return False
-        if user is not None:
-            self._tell_index(key, user, t + ms, t, created=True)
-        return True
+        if user is None:
+            return args, None
+        return [*args, INDEXED, t + ms], _Member(key, user, t + ms, t)
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         t, ms = self._clock(ttl)
@@ -326,11 +366,16 @@ class RedisStore(CacheStore):
         if isinstance(done, (bytes, str)):  # a cluster's session that ran ahead of its index
             user = _user_in(_text(done))
         if user is not None:
-            self._tell_index(key, user, t + ms, t, created=False)
+            self._tell_index(_Member(key, user, t + ms, t), created=False)
         return True
 
     def touch(self, key: str, ttl: float) -> bool:
         return self.update(key, Changes({}), ttl)
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        names = list(new)
+        args = [len(names), *names, *(expected[name] for name in names), *(new[name] for name in names)]
+        return bool(self._run(self._script, _SWAP, self.prefix + key, *args))
 
     def _script(self, script: str, name: str, *args: Any) -> Any:
         """Run ``script`` on the key ``name`` by its digest; a server that lacks it (new, restarted
@@ -340,6 +385,27 @@ class RedisStore(CacheStore):
             return client.execute_command("EVALSHA", _DIGESTS[script], 1, name, *args)  # type: ignore[no-untyped-call]
         except redis.exceptions.NoScriptError:
             return client.execute_command("EVAL", script, 1, name, *args)  # type: ignore[no-untyped-call]
+
+    def _scripts(self, script: str, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """Run ``script`` by its digest on each (key name, arguments) of ``calls``, in one pipelined round
+        trip. Should a server lack it (new, restarted or flushed), it is loaded (on every primary of a
+        cluster) and the calls it missed run again: not sent the script each, as :meth:`_script` sends
+        it once. The replies, an error's in its place."""
+        commands = [("EVALSHA", _DIGESTS[script], 1, name, *args) for name, args in calls]
+        replies = self._pipelined(commands)
+        missed = [i for i, reply in enumerate(replies) if isinstance(reply, redis.exceptions.NoScriptError)]
+        if missed:
+            self._run(self.client.script_load, script)
+            for i, reply in zip(missed, self._pipelined([commands[i] for i in missed]), strict=True):
+                replies[i] = reply
+        return replies
+
+    def _pipelined(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The replies to ``commands``, sent in one pipeline (an error's in its place)."""
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(self._run(pipe.execute, raise_on_error=False))
 
     @staticmethod
     def _clock(ttl: float) -> tuple[int, int]:
@@ -357,22 +423,36 @@ class RedisStore(CacheStore):
     def _index_key(self, user: str) -> str:
         return self.prefix + INDEX + user
 
-    def _index(self, user: str, key: str, score: int, t: int) -> None:
-        """A cluster's index write: ``key`` scored ``score``, members past their score by :data:`LAG` dropped."""
-        self._run(self._script, _INDEX, self._index_key(user), key, score, t, LAG)
+    def _index_call(self, member: _Member) -> tuple[str, list[Any]]:
+        """A cluster's index write, as :data:`_INDEX` takes it: the index, and its arguments (the member
+        scored, those past their score by :data:`LAG` dropped)."""
+        return self._index_key(member.user), [member.key, member.score, member.t, LAG]
 
-    def _tell_index(self, key: str, user: str, score: int, t: int, created: bool) -> None:
+    def _tell_index(self, member: _Member, created: bool) -> None:
         """Give a cluster's index the session just written (after it: a listing that finds a member's
         session missing drops it). Should that fail, a created session is deleted again, an updated
         one is told it was not indexed (its next write tries again): no session stays out of its index."""
+        index, args = self._index_call(member)
         try:
-            self._index(user, key, score, t)
+            self._run(self._script, _INDEX, index, *args)
         except StoreError:
             with contextlib.suppress(*ERRORS):
                 if created:
-                    self.client.unlink(self.prefix + key)
+                    self.client.unlink(self.prefix + member.key)
                 else:
-                    self.client.hdel(self.prefix + key, INDEXED)
+                    self.client.hdel(self.prefix + member.key, INDEXED)
+            raise
+
+    def _index_copies(self, members: Sequence[_Member]) -> None:
+        """Give a cluster's indexes the sessions just copied, in one pipelined round trip, as :meth:`_tell_index`
+        gives one; should any write fail, every one of these sessions is deleted again (to be copied again)."""
+        if not members:
+            return
+        try:
+            _raise_first_error(self._scripts(_INDEX, [self._index_call(member) for member in members]))
+        except StoreError:
+            with contextlib.suppress(*ERRORS):
+                self.client.unlink(*[self.prefix + member.key for member in members])
             raise
 
     # -- a user's sessions -------------------------------------------------------------------
@@ -538,6 +618,16 @@ class RedisStore(CacheStore):
             raise StoreError(f"Redis: {exc}") from exc
 
 
+class _Member(NamedTuple):
+    """A session as its user's index takes it, on a cluster: its key, its user, its score (its expiry),
+    and the time of the write (Unix ms)."""
+
+    key: str
+    user: str
+    score: int
+    t: int
+
+
 class ServerChanged(redis.ConnectionError):
     """A new connection reached another server than the expected one (restarted, failed over)."""
 
@@ -581,6 +671,13 @@ def _malformed(exc: redis.ResponseError) -> None:
     if not wrong_type(exc):
         raise StoreError(f"Redis: {exc}") from exc
     log.warning("Ignoring a malformed session record in Redis")
+
+
+def _raise_first_error(replies: Sequence[Any]) -> None:
+    """Raise :class:`StoreError` for the first error among a pipeline's replies, if any."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise StoreError(f"Redis: {reply}") from reply
 
 
 def pipelined(reply: Any) -> Any:

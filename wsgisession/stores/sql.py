@@ -18,6 +18,7 @@ from typing import Any
 from .base import (
     USER_KEY,
     Changes,
+    Copy,
     DurableStore,
     Periodic,
     Record,
@@ -26,6 +27,7 @@ from .base import (
     after_fork,
     bound_user,
     decode_record,
+    holds,
     json_object,
     json_value,
     log,
@@ -179,16 +181,14 @@ class SQLStore(DurableStore):
         # Expiry is checked in Python: a predicate on it costs the planner more than the check.
         self._sql_load = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p}"
         self._sql_create = self._create_sql()
-        # A copy: the upsert that creates, replacing only an expired row (named by the table, which
-        # PostgreSQL requires: a bare column could also be excluded's).
-        self._sql_add = f"{self._sql_create} WHERE {t}.{e} <= {ts}"
+        self._sql_add = self._copy_sql(self._sql_create)
         # Keyset pagination through the primary key, expiry checked in Python (as for a load): every
         # page an index range scan whatever the planner thinks of the expiry column.
         self._sql_scan = f"SELECT {i}, {d}, {self.epoch(e)} FROM {t} WHERE {i} > {p} ORDER BY {i} LIMIT {p}"
         self._sql_count = f"SELECT count(*) FROM {t} WHERE {e} > {ts}"
         self._sql_touch = f"UPDATE {t} SET {e} = {ts} WHERE {i} = {p} AND {e} > {ts}"
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
-        self._sql_read_live = f"SELECT {d} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
+        self._sql_read_live = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
         self._sql_rewrite = self._rewrite_sql()
         batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
@@ -249,12 +249,23 @@ class SQLStore(DurableStore):
 
     def _create_sql(self) -> str:
         """The upsert that writes a whole session."""
-        i, d, e = self.columns
         p = self.param
+        return self._upsert(f"VALUES ({p}, {p}, {self.timestamp(p)})")
+
+    def _upsert(self, rows: str) -> str:
+        """The INSERT of ``rows`` (a VALUES list or a SELECT, a value for each of :meth:`_create_params`')
+        that replaces the row of the same key."""
+        i, d, e = self.columns
         return (
-            f"INSERT INTO {self.table} ({i}, {d}, {e}) VALUES ({p}, {p}, {self.timestamp(p)}) "
+            f"INSERT INTO {self.table} ({i}, {d}, {e}) {rows} "
             f"ON CONFLICT ({i}) DO UPDATE SET {d} = excluded.{d}, {e} = excluded.{e}"
         )
+
+    def _copy_sql(self, upsert: str) -> str:
+        """An upsert that stores copies: it replaces only an expired row (named by the table, which
+        PostgreSQL requires: a bare column could also be excluded's). Its last parameter is now."""
+        e = self.columns[2]
+        return f"{upsert} WHERE {self.table}.{e} <= {self.timestamp(self.param)}"
 
     def _create_params(self, key: str, data: Mapping[str, str], expires: float) -> tuple[Any, ...]:
         return (key, self._document(data, expires), expires)
@@ -272,20 +283,29 @@ class SQLStore(DurableStore):
         """Apply ``changes`` to a live row in one atomic step; False when there is none."""
         return self._rewrite(cur, key, changes, expires)
 
-    def _rewrite(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
+    def _rewrite(
+        self, cur: Any, key: str, changes: Changes, expires: float | None, expected: Mapping[str, str] | None = None
+    ) -> bool:
         """Merge by reading the row, applying ``changes`` in Python and writing it back, in one
-        transaction that :attr:`rewrite_begin` and :attr:`rewrite_lock` make atomic."""
+        transaction that :attr:`rewrite_begin` and :attr:`rewrite_lock` make atomic; only if the row
+        holds ``expected``, and with its expiry kept when ``expires`` is None."""
         cur.execute(self.rewrite_begin)
         try:
             cur.execute(self._sql_read_live, (key, now()))
             row = cur.fetchone()
-            record = None if row is None else self._record(row[0], expires)
-            if record is None:
+            record = None if row is None else self._record(row[0], float(row[1]))
+            if record is None or (expected is not None and not holds(record.data, expected)):
                 return False
+            expires = record.expires if expires is None else expires
             cur.execute(self._sql_rewrite, self._rewrite_params(key, merged(record.data, changes), expires))
             return True
         finally:
             cur.execute("COMMIT")
+
+    def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
+        """The row read, compared and written back in one transaction (a rare maintenance write)."""
+        with self._cursor() as cur:
+            return self._rewrite(cur, key, Changes(new), None, expected)
 
     def _document(self, data: Mapping[str, str], expires: float) -> str:
         """The stored form of a session's JSON-encoded values."""
@@ -332,6 +352,20 @@ class SQLStore(DurableStore):
         with self._cursor() as cur:
             self._execute(cur, self._sql_add, (*self._create_params(key, data, expires), now()))
             return bool(cur.rowcount)
+
+    def add_many(self, sessions: Sequence[Copy]) -> int:
+        """add's statement for each session, in one transaction (:attr:`rewrite_begin`): SQLite runs them
+        in-process, so each costs no round trip, and the batch one commit."""
+        if not sessions:
+            return 0
+        t = now()
+        with self._cursor() as cur:
+            cur.execute(self.rewrite_begin)
+            try:
+                cur.executemany(self._sql_add, [(*self._create_params(*session), t) for session in sessions])
+                return int(cur.rowcount)
+            finally:
+                cur.execute("COMMIT")
 
     def scan(self, batch: int = 1000) -> Iterator[list[tuple[str, Record]]]:
         """One SELECT per batch, the rows after the last key seen, on a connection held for that SELECT only."""
