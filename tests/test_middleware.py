@@ -28,10 +28,9 @@ from servers import SECRET, RedisServer, pg_sql
 from webtest import TestApp
 
 from wsgisession import MemoryStore, Session, SessionMiddleware, SessionStore, SessionValueError, StoreError
-from wsgisession.core import _RateLimitedLog
 from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
-from wsgisession.stores.base import Changes, Record
+from wsgisession.stores.base import Changes, RateLimitedLog, Record
 
 OLD_SECRET = "retired-secret-9876543210-ZYXWVUTSRQPONMLKJIHGFEDCBA"
 Environ = dict[str, Any]
@@ -963,7 +962,7 @@ def test_load_failure_degrades_to_an_empty_session(warnings: Callable[[], list[s
 
 def test_failure_log_reports_the_count_of_suppressed_failures(warnings: Callable[[], list[str]]) -> None:
     browser, store = logged_in()
-    browser.mw.core._failures = _RateLimitedLog(interval=0.2)
+    browser.mw.core._failures = RateLimitedLog(interval=0.2)
     store.failing = {"load"}
     for _ in range(4):
         browser.get("/read")

@@ -42,11 +42,10 @@ from wsgisession import (
     SessionValueError,
     SQLiteStore,
 )
-from wsgisession.core import _RateLimitedLog
 from wsgisession.session import MAX_DEPTH, Loaded
 from wsgisession.settings import _VARIABLES
 from wsgisession.signing import ID_LENGTH, Signer, new_id, store_key
-from wsgisession.stores.base import json_object
+from wsgisession.stores.base import RateLimitedLog, json_object
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
@@ -999,7 +998,7 @@ def test_no_secret_or_session_id_in_any_log_record(
     call(mw, "/read", b.cookie)
     private_redis.kill()  # store failures, loading and saving
     call(mw, "/read", a.cookie)
-    mw.core._failures = _RateLimitedLog()
+    mw.core._failures = RateLimitedLog()
     call(mw, "/set", query="x=1")
     dead_pg = PostgresStore(
         f"postgresql://postgres:{pg_password}@127.0.0.1:{free_port()}/test",

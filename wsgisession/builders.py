@@ -11,6 +11,7 @@ from .settings import ConfigError, Settings, mask_url
 from .stores.base import CacheStore, SessionStore
 
 if TYPE_CHECKING:
+    from .stores.encrypted import Cipher
     from .stores.express import ExpressDocument
     from .stores.postgres import PostgresStore
     from .stores.sqlite import SQLiteStore
@@ -71,6 +72,26 @@ def postgres_store(settings: Settings, dsn: str, **options: Any) -> PostgresStor
     if settings.format == "express":
         return ConnectPgStore(dsn, document=express_document(settings), **options)
     return PostgresStore(dsn, **options)
+
+
+def with_encryption(store: SessionStore, settings: Settings) -> SessionStore:
+    """``store`` with its values sealed under SESSION_ENCRYPTION_KEY (``store`` itself when it is not set)."""
+    if not settings.encryption_keys:
+        return store
+    from .stores.encrypted import EncryptedStore
+
+    return EncryptedStore(store, cipher_from(settings))
+
+
+def cipher_from(settings: Settings) -> Cipher:
+    """The cipher of SESSION_ENCRYPTION_KEY (which must be set)."""
+    try:
+        from .stores.encrypted import Cipher
+    except ImportError:
+        raise ConfigError(
+            "SESSION_ENCRYPTION_KEY is set but cryptography is not installed: pip install 'wsgisession[encryption]'"
+        ) from None
+    return Cipher(settings.encryption_keys)
 
 
 def express_document(settings: Settings) -> ExpressDocument:

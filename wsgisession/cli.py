@@ -1,8 +1,8 @@
 """The ``wsgisession`` command: check the store the environment selects, clean it up, create its table,
-list and end a user's sessions, move every session to another store.
+list and end a user's sessions, move every session to another store, re-encrypt stored values.
 
 Usage: ``python -m wsgisession {check,cleanup,init-db [--sql],sessions [--json] USER_ID,revoke USER_ID,
-migrate --from URL --to URL [--dry-run]}``.
+migrate --from URL --to URL [--dry-run],reencrypt}``.
 Settings come from the same environment variables as the middleware. Exit status: 0 on success, 2 for a
 configuration error (or a store that cannot list a user's sessions), 1 when the store fails (or none answers).
 """
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TextIO
 
-from .builders import postgres_store, store_from_url
+from .builders import cipher_from, postgres_store, store_from_url
 from .core import SessionCore
 from .detection import NoStoreError, create_session_store
 from .settings import ConfigError, Settings, mask_url
@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", dest="target", required=True, metavar="URL", help="the store they move to")
     migrate.add_argument("--dry-run", action="store_true", help="only count the live sessions that would move")
     migrate.set_defaults(run=migrate_command)
+    reencrypt = commands.add_parser("reencrypt", help="rewrite the stored values under the first key of "
+                                    "SESSION_ENCRYPTION_KEY (in the clear after none), as the app serves")  # fmt: skip
+    reencrypt.set_defaults(run=reencrypt_command)
     return parser
 
 
@@ -162,21 +165,43 @@ def migrate_command(args: argparse.Namespace) -> int:
         target = store_from_url(args.target, settings)
         try:
             target.setup()
-            progress = _Progress(source.count(), sys.stderr if sys.stderr.isatty() else None)
+            progress = _Progress("Moved", source.count())
             with _stop_on_interrupt() as stopped:
                 for batch in source.scan():
                     progress.add(len(batch), move(source, target, batch))
                     if stopped.is_set():
                         break
-            print(progress.summary(mask_url(args.source), mask_url(args.target)))
-            if stopped.is_set():
-                print("Interrupted: run the same command again to move the rest", file=sys.stderr)
-                return 130
-            return 0
+            print(progress.summary(f"from {mask_url(args.source)} to {mask_url(args.target)}"),
+                  f"{progress.done:,} copied, {progress.seen - progress.done:,} already there", sep=": ")  # fmt: skip
+            return _interrupted("move the rest") if stopped.is_set() else 0
         finally:
             target.close()
     finally:
         source.close()
+
+
+def reencrypt_command(args: argparse.Namespace) -> int:
+    """Rewrite the stored values the first key of SESSION_ENCRYPTION_KEY did not seal (or, after ``none``,
+    that are sealed), session by session, without undoing a request's write. Ctrl-C stops after the batch."""
+    from .stores.encrypted import reencrypt
+
+    settings = load_settings()
+    if not settings.encryption_keys:
+        raise ConfigError("SESSION_ENCRYPTION_KEY is not set: set the keys to rewrite under (to turn encryption "
+                          "off, set it to none,KEY first)")  # fmt: skip
+    cipher = cipher_from(settings)
+    with open_store(settings) as store:
+        progress, unreadable, busy = _Progress("Checked", store.count()), 0, 0
+        with _stop_on_interrupt() as stopped:
+            for batch in store.scan():
+                done = reencrypt(store, cipher, batch)
+                progress.add(len(batch), done.rewritten)
+                unreadable, busy = unreadable + done.unreadable, busy + done.busy
+                if stopped.is_set():
+                    break
+    print(progress.summary(), f"{progress.done:,} rewritten, {unreadable:,} values no key opens, "
+          f"{busy:,} sessions busy (run again)", sep=": ")  # fmt: skip
+    return _interrupted("check the rest") if stopped.is_set() else 0
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -236,6 +261,9 @@ def describe(store: SessionStore, settings: Settings) -> str:
     """The store's class and where it keeps sessions, with any password masked."""
     name = type(store).__name__
     kinds = {kind.__name__ for kind in type(store).__mro__}  # ConnectPgStore is a PostgresStore, and so on
+    if name == "MigratingStore":
+        new = store.new  # type: ignore[attr-defined]
+        return f"{describe(new, settings)}, moving the sessions it misses from {mask_url(settings.migrate_from or '')}"
     if name == "FailoverStore":
         cache, durable = store.cache, store.durable  # type: ignore[attr-defined]
         return f"{name}: {describe(cache, settings)}, with a copy of every session in {describe(durable, settings)}"
@@ -309,29 +337,36 @@ def _sql_kind(settings: Settings) -> str | None:
 
 
 class _Progress:
-    """What a migration did so far, and a line on a terminal that says it, redrawn at most twice a second."""
+    """What a pass over every session did so far, and a line that says it on stderr when it is a
+    terminal, redrawn at most twice a second."""
 
-    def __init__(self, total: int, out: TextIO | None) -> None:
-        self.total, self.out = total, out
-        self.seen = self.copied = 0
+    def __init__(self, verb: str, total: int) -> None:
+        self.verb, self.total = verb, total
+        self.out = sys.stderr if sys.stderr.isatty() else None
+        self.seen = self.done = 0
         self.start = self._shown = time.monotonic()
 
-    def add(self, seen: int, copied: int) -> None:
+    def add(self, seen: int, done: int) -> None:
         self.seen += seen
-        self.copied += copied
+        self.done += done
         if self.out is not None and time.monotonic() - self._shown >= 0.5:
             self._shown = time.monotonic()
             rate = self.seen / max(self._shown - self.start, 1e-9)
             left = max(self.total - self.seen, 0) / rate if rate else 0
-            print(f"\rMoved {self.seen:,} of ~{self.total:,} sessions ({rate:,.0f}/s, {left:,.0f} s left)   ",
+            print(f"\r{self.verb} {self.seen:,} of ~{self.total:,} sessions ({rate:,.0f}/s, {left:,.0f} s left)   ",
                   end="", file=self.out, flush=True)  # fmt: skip
 
-    def summary(self, source: str, target: str) -> str:
+    def summary(self, where: str = "") -> str:
         if self.out is not None:
             print(file=self.out)
         took = time.monotonic() - self.start
-        return (f"Moved {self.seen:,} sessions from {source} to {target} in {took:.1f} s ({self.seen / took:,.0f}/s): "
-                f"{self.copied:,} copied, {self.seen - self.copied:,} already there")  # fmt: skip
+        where = f"{where} " if where else ""
+        return f"{self.verb} {self.seen:,} sessions {where}in {took:.1f} s ({self.seen / took:,.0f}/s)"
+
+
+def _interrupted(what: str) -> int:
+    print(f"Interrupted: run the same command again to {what}", file=sys.stderr)
+    return 130
 
 
 @contextmanager

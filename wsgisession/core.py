@@ -11,16 +11,16 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import threading
 import time
 from typing import Any, NamedTuple
 
 from werkzeug.http import http_date
 
+from .builders import with_encryption
 from .formats import CookieFormat, cookie_format
 from .session import JSON, Codec, Loaded, Session, SessionTooLarge, SessionValueError, encode
 from .settings import Settings
-from .stores.base import USER_KEY, Changes, SessionStore, StoreError, json_object
+from .stores.base import USER_KEY, Changes, RateLimitedLog, SessionStore, StoreError, json_object
 from .users import UserSessions
 
 log = logging.getLogger("wsgisession")
@@ -47,15 +47,15 @@ class SessionCore:
 
     def __init__(self, settings: Settings, store: SessionStore, codec: Codec = JSON) -> None:
         self.settings = settings
-        self.store = store
+        self.store = with_encryption(store, settings)  # values sealed at rest when SESSION_ENCRYPTION_KEY is set
         self.codec = codec
         self.format: CookieFormat = cookie_format(settings.format, settings.secrets)
         # The expiry is extended at most once a minute (or every tenth of max_age).
         self.refresh_after = min(60.0, settings.max_age / 10)
         self._attributes = {secure: _cookie_attributes(settings, secure) for secure in (False, True)}
         self._verified: dict[str, Identity] = {}
-        self._failures = _RateLimitedLog()
-        self._tossing = _RateLimitedLog()
+        self._failures = RateLimitedLog()
+        self._tossing = RateLimitedLog()
         self.users = UserSessions(self)  # a user's sessions: listed, ended, limited
 
     def open(self, cookie_header: str | None, agent: str | None = None, ip: str | None = None) -> Visit:
@@ -312,24 +312,3 @@ def _cookie_attributes(settings: Settings, secure: bool) -> str:
 def _http_date(seconds: int) -> str:
     """An HTTP date, formatted once per second (werkzeug's, which no locale changes)."""
     return http_date(seconds)
-
-
-class _RateLimitedLog:
-    """A WARNING that may repeat often (a store outage, an attack) logged at most once a
-    minute, with a count of the repeats it held back."""
-
-    def __init__(self, interval: float = 60.0) -> None:
-        self._interval = interval
-        self._next = 0.0
-        self._suppressed = 0
-        self._lock = threading.Lock()
-
-    def report(self, message: str, *args: object) -> None:
-        with self._lock:
-            t = time.monotonic()
-            if t < self._next:
-                self._suppressed += 1
-                return
-            more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-            self._next, self._suppressed = t + self._interval, 0
-        log.warning(message + more, *args)

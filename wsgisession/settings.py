@@ -62,6 +62,7 @@ class Settings:
     max_per_user: int = 0  # 0: no limit
     client_details: bool = False  # keep each logged-in session's user agent and IP, for the user's list
     migrate_from: str | None = dataclasses.field(default=None, repr=False)  # the store sessions move from
+    encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)  # the first seals, all open
 
     @classmethod
     def load(cls, environ: Mapping[str, Any] | None = None, **overrides: Any) -> Settings:
@@ -103,6 +104,8 @@ class Settings:
     def check(self) -> None:
         """Raise :class:`ConfigError` for any value that cannot work."""
         check_secrets(self.secrets)
+        if self.encryption_keys:
+            self._check_encryption()
         if self.max_age <= 0 or self.absolute_timeout <= 0:
             raise ConfigError("SESSION_MAX_AGE and SESSION_ABSOLUTE_TIMEOUT must be positive")
         if self.max_per_user < 0:
@@ -140,13 +143,26 @@ class Settings:
                 "SESSION_CLEANUP_INTERVAL not negative"
             )
 
+    def _check_encryption(self) -> None:
+        """SESSION_ENCRYPTION_KEY: keys as strong as SESSION_SECRET and none of its ("none" first turns it off)."""
+        keys = self.encryption_keys
+        if keys[0] == "none" and len(keys) == 1:
+            raise ConfigError("SESSION_ENCRYPTION_KEY=none: remove it instead, or list the keys that still open "
+                              "stored values after it (none,KEY)")  # fmt: skip
+        check_secrets(keys[1:] if keys[0] == "none" else keys, "SESSION_ENCRYPTION_KEY")
+        if set(keys) & set(self.secrets):
+            raise ConfigError("SESSION_ENCRYPTION_KEY must differ from SESSION_SECRET: one key, one purpose")
+        if self.format == "express":
+            raise ConfigError("SESSION_ENCRYPTION_KEY cannot be used with SESSION_FORMAT=express: express-session "
+                              "(Node.js) could not read the encrypted values")  # fmt: skip
 
-def check_secrets(secrets: Sequence[str]) -> None:
+
+def check_secrets(secrets: Sequence[str], variable: str = "SESSION_SECRET") -> None:
     """Raise :class:`ConfigError` unless every secret is long and random enough."""
     if not secrets:
-        raise ConfigError(f"SESSION_SECRET is empty. Set it to a long random string, for example: {GENERATE_SECRET}")
+        raise ConfigError(f"{variable} is empty. Set it to a long random string, for example: {GENERATE_SECRET}")
     for position, secret in enumerate(secrets, 1):
-        where = "SESSION_SECRET" + (f" (secret {position} of the list)" if len(secrets) > 1 else "")
+        where = variable + (f" (entry {position} of the list)" if len(secrets) > 1 else "")
         if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
             raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {GENERATE_SECRET}")
         if len(secret) < MIN_SECRET_LENGTH:
@@ -191,8 +207,12 @@ def _secure(raw: str) -> bool | None:
     return None if raw.lower() == "auto" else _flag(raw)
 
 
+def _key_list(raw: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in raw.split(",") if s.strip())
+
+
 _VARIABLES: dict[str, tuple[str, Any]] = {
-    "secrets": ("SESSION_SECRET", lambda raw: tuple(s.strip() for s in raw.split(",") if s.strip())),
+    "secrets": ("SESSION_SECRET", _key_list),
     "max_age": ("SESSION_MAX_AGE", _milliseconds),
     "absolute_timeout": ("SESSION_ABSOLUTE_TIMEOUT", _milliseconds),
     "max_size": ("SESSION_MAX_SIZE", int),
@@ -219,6 +239,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "max_per_user": ("SESSION_MAX_PER_USER", int),
     "client_details": ("SESSION_CLIENT_DETAILS", _flag),
     "migrate_from": ("SESSION_MIGRATE_FROM", str),
+    "encryption_keys": ("SESSION_ENCRYPTION_KEY", _key_list),
 }
 
 
