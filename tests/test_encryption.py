@@ -566,7 +566,7 @@ def test_a_rotation_under_load_loses_nobody_and_no_increment(tmp_path: Path) -> 
     [
         ({"SESSION_ENCRYPTION_KEY": "changeme"}, "SESSION_ENCRYPTION_KEY is a well-known or trivial value"),
         ({"SESSION_ENCRYPTION_KEY": "short-but-varied-key"}, "SESSION_ENCRYPTION_KEY is too short"),
-        ({"SESSION_ENCRYPTION_KEY": f"{KEY1},changeme"}, r"SESSION_ENCRYPTION_KEY \(entry 2 of the list\)"),
+        ({"SESSION_ENCRYPTION_KEY": f"{KEY1},changeme"}, r"SESSION_ENCRYPTION_KEY \(key 2 of the list\)"),
         ({"SESSION_ENCRYPTION_KEY": SECRET}, "SESSION_ENCRYPTION_KEY must differ from SESSION_SECRET"),
         ({"SESSION_SECRET": f"{KEY2},{SECRET}", "SESSION_ENCRYPTION_KEY": SECRET}, "must differ from SESSION_SECRET"),
         ({"SESSION_ENCRYPTION_KEY": KEY1, "SESSION_FORMAT": "express"}, "cannot be used with SESSION_FORMAT=express"),

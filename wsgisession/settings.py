@@ -162,7 +162,8 @@ def check_secrets(secrets: Sequence[str], variable: str = "SESSION_SECRET") -> N
     if not secrets:
         raise ConfigError(f"{variable} is empty. Set it to a long random string, for example: {GENERATE_SECRET}")
     for position, secret in enumerate(secrets, 1):
-        where = variable + (f" (entry {position} of the list)" if len(secrets) > 1 else "")
+        noun = "secret" if variable == "SESSION_SECRET" else "key"
+        where = variable + (f" ({noun} {position} of the list)" if len(secrets) > 1 else "")
         if secret.strip().lower() in _KNOWN_WEAK or len(set(secret)) < 8:
             raise ConfigError(f"{where} is a well-known or trivial value. Generate one with: {GENERATE_SECRET}")
         if len(secret) < MIN_SECRET_LENGTH:
