@@ -308,3 +308,11 @@ def test_an_interrupted_migration_goes_on_when_run_again(places: Places, tmp_pat
     again = migrate(places, tmp_path, "--from", places.urls["postgres"], "--to", places.urls["sqlite"])
     assert again.returncode == 0, again.stderr
     assert all_keys(target) == set(keys) and all_keys(source) == set()
+
+
+def test_check_says_where_sessions_move_from(places: Places, tmp_path: Path) -> None:
+    env = {**places.env, "SESSION_STORE": "sqlite", "SESSION_SQLITE_PATH": str(tmp_path / "s.sqlite3"),
+           "SESSION_MIGRATE_FROM": places.urls["redis"]}  # fmt: skip
+    result = run_cli(tmp_path, "check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"moving the sessions it misses from {places.urls['redis']}" in result.stdout
