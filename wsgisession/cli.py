@@ -19,14 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import TYPE_CHECKING, TextIO
 
 from .builders import cipher_from, postgres_store, store_from_url
 from .core import SessionCore
 from .detection import NoStoreError, create_session_store
 from .settings import ConfigError, Settings, mask_url
-from .stores.base import SessionStore, StoreError
+from .stores.base import Record, SessionStore, StoreError
 
 if TYPE_CHECKING:
     from .stores.sql import SQLStore
@@ -157,51 +157,41 @@ def migrate_command(args: argparse.Namespace) -> int:
     if args.source == args.target:
         raise ConfigError("--from and --to name the same store")
     settings = load_settings()
-    source = store_from_url(args.source, settings)
-    try:
+    with closing(store_from_url(args.source, settings)) as source:
         if args.dry_run:
             print(f"{source.count()} live sessions in {mask_url(args.source)} would move to {mask_url(args.target)}")
             return 0
-        target = store_from_url(args.target, settings)
-        try:
+        with closing(store_from_url(args.target, settings)) as target:
             target.setup()
-            progress = _Progress("Moved", source.count())
-            with _stop_on_interrupt() as stopped:
-                for batch in source.scan():
-                    progress.add(len(batch), move(source, target, batch))
-                    if stopped.is_set():
-                        break
-            print(progress.summary(f"from {mask_url(args.source)} to {mask_url(args.target)}"),
-                  f"{progress.done:,} copied, {progress.seen - progress.done:,} already there", sep=": ")  # fmt: skip
-            return _interrupted("move the rest") if stopped.is_set() else 0
-        finally:
-            target.close()
-    finally:
-        source.close()
+            progress, stopped = _each_batch("Moved", source, lambda batch: move(source, target, batch))
+    print(progress.summary(f"from {mask_url(args.source)} to {mask_url(args.target)}"),
+          f"{progress.done:,} copied, {progress.seen - progress.done:,} already there", sep=": ")  # fmt: skip
+    return _interrupted("move the rest") if stopped else 0
 
 
 def reencrypt_command(args: argparse.Namespace) -> int:
     """Rewrite the stored values the first key of SESSION_ENCRYPTION_KEY did not seal (or, after ``none``,
     that are sealed), session by session, without undoing a request's write. Ctrl-C stops after the batch."""
-    from .stores.encrypted import reencrypt
+    from .stores.encrypted import Rewrite, reencrypt
 
     settings = load_settings()
     if not settings.encryption_keys:
         raise ConfigError("SESSION_ENCRYPTION_KEY is not set: set the keys to rewrite under (to turn encryption "
                           "off, set it to none,KEY first)")  # fmt: skip
     cipher = cipher_from(settings)
+    total = Rewrite()
+
+    def rewrite(batch: list[tuple[str, Record]]) -> int:
+        nonlocal total
+        done = reencrypt(store, cipher, batch)
+        total = Rewrite(*(a + b for a, b in zip(total, done, strict=True)))
+        return done.rewritten
+
     with open_store(settings) as store:
-        progress, unreadable, busy = _Progress("Checked", store.count()), 0, 0
-        with _stop_on_interrupt() as stopped:
-            for batch in store.scan():
-                done = reencrypt(store, cipher, batch)
-                progress.add(len(batch), done.rewritten)
-                unreadable, busy = unreadable + done.unreadable, busy + done.busy
-                if stopped.is_set():
-                    break
-    print(progress.summary(), f"{progress.done:,} rewritten, {unreadable:,} values no key opens, "
-          f"{busy:,} sessions busy (run again)", sep=": ")  # fmt: skip
-    return _interrupted("check the rest") if stopped.is_set() else 0
+        progress, stopped = _each_batch("Checked", store, rewrite)
+    print(progress.summary(), f"{total.rewritten:,} rewritten, {total.unreadable:,} values no key opens, "
+          f"{total.busy:,} sessions busy (run again)", sep=": ")  # fmt: skip
+    return _interrupted("check the rest") if stopped else 0
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -362,6 +352,20 @@ class _Progress:
         took = time.monotonic() - self.start
         where = f"{where} " if where else ""
         return f"{self.verb} {self.seen:,} sessions {where}in {took:.1f} s ({self.seen / took:,.0f}/s)"
+
+
+def _each_batch(
+    verb: str, store: SessionStore, step: Callable[[list[tuple[str, Record]]], int]
+) -> tuple[_Progress, bool]:
+    """Run ``step`` on each batch of the store's live sessions (it returns how many it changed), showing the
+    progress; Ctrl-C stops after the batch. Returns the progress and whether it was interrupted."""
+    progress = _Progress(verb, store.count())
+    with _stop_on_interrupt() as stopped:
+        for batch in store.scan():
+            progress.add(len(batch), step(batch))
+            if stopped.is_set():
+                break
+    return progress, stopped.is_set()
 
 
 def _interrupted(what: str) -> int:
