@@ -215,7 +215,7 @@ class EncryptedStore(SessionStore):
             return text
         for field in CLIENT:
             if field in binding:
-                sealed = self.cipher.seal(key, f"{USER_KEY}.{field}", encode_values(binding)[field])
+                sealed = self.cipher.seal(key, f"{USER_KEY}.{field}", encode_values({field: binding[field]})[field])
                 binding[field] = json_value(sealed)
         return encode_values({USER_KEY: binding})[USER_KEY]
 
