@@ -33,7 +33,8 @@ from wsgisession.stores.connect_redis import ConnectRedisStore
 from wsgisession.stores.express import ExpressDocument
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
-from wsgisession.stores.redis import RedisStore, client_from_url
+from wsgisession.stores.redis import RedisStore
+from wsgisession.stores.redis_client import client_from_url
 from wsgisession.stores.sql import CLEANUP_BATCH
 
 if TYPE_CHECKING:

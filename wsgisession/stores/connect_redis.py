@@ -11,7 +11,8 @@ import redis
 
 from .base import Changes, Copy, Record, StoreError, UserRecord, merged, now
 from .express import ExpressDocument
-from .redis import ERRORS, RedisStore, milliseconds, pipelined
+from .redis import RedisStore, milliseconds, read_reply
+from .redis_client import store_errors
 
 CAS_ATTEMPTS = 25  # with a growing, jittered pause between them
 
@@ -53,7 +54,7 @@ class ConnectRedisStore(RedisStore):
         pipe.pttl(name)
 
     def _loaded(self, replies: Iterator[Any]) -> Record | None:
-        raw, pttl = pipelined(next(replies)), pipelined(next(replies))  # None for a foreign record of another type
+        raw, pttl = read_reply(next(replies)), read_reply(next(replies))  # None for a foreign record of another type
         if raw is None:
             return None
         return self.document.load(raw, now() + max(pttl, 0) / 1000, "Redis")
@@ -83,24 +84,21 @@ class ConnectRedisStore(RedisStore):
 
     def update(self, key: str, changes: Changes, ttl: float) -> bool:
         name = self.prefix + key
-        try:
-            with self.client.pipeline(transaction=True) as pipe:
-                for attempt in range(CAS_ATTEMPTS):
-                    try:
-                        pipe.watch(name)
-                        raw = pipe.get(name)
-                        record = None if raw is None else self.document.load(raw, 0, "Redis")
-                        if record is None:
-                            return False  # gone (a logout, or expiry): not brought back
-                        document = self.document.dump(merged(record.data, changes), now() + ttl)
-                        pipe.multi()
-                        pipe.set(name, document, px=milliseconds(ttl))
-                        pipe.execute()
-                        return True
-                    except redis.WatchError:  # another request wrote in between: merge onto what it wrote
-                        time.sleep(random.uniform(0, 0.001 * attempt))
-        except ERRORS as exc:
-            raise StoreError(f"Redis: {exc}") from exc
+        with store_errors(), self.client.pipeline(transaction=True) as pipe:
+            for attempt in range(CAS_ATTEMPTS):
+                try:
+                    pipe.watch(name)
+                    raw = pipe.get(name)
+                    record = None if raw is None else self.document.load(raw, 0, "Redis")
+                    if record is None:
+                        return False  # gone (a logout, or expiry): not brought back
+                    document = self.document.dump(merged(record.data, changes), now() + ttl)
+                    pipe.multi()
+                    pipe.set(name, document, px=milliseconds(ttl))
+                    pipe.execute()
+                    return True
+                except redis.WatchError:  # another request wrote in between: merge onto what it wrote
+                    time.sleep(random.uniform(0, 0.001 * attempt))
         raise StoreError(f"the session changed {CAS_ATTEMPTS} times while one request merged its changes")
 
     def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:

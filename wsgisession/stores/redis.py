@@ -1,9 +1,9 @@
 """Sessions in Redis: one hash per session, its TTL the session's idle timeout.
 
-The URL picks redis-py's client: ``redis://``, ``rediss://`` and ``unix://`` one server;
-``redis+sentinel://`` the master a set of Sentinels names; ``redis+cluster://`` a Redis
-Cluster (see :func:`client_from_url`). A session's own commands, pipelines and scripts touch its
-key alone, so on a cluster each lands in the session's hash slot.
+Its client is one server's, a Sentinel-named master's or a cluster's, as the URL says (see
+:mod:`.redis_client`, which also turns redis-py's errors into :class:`~.base.StoreError`). A
+session's own commands, pipelines and scripts touch its key alone, so on a cluster each lands in
+the session's hash slot.
 
 A user's index: the sorted set ``<prefix>user:<user id>`` of the keys of the sessions bound to
 the user (see :data:`~.base.USER_KEY`), each scored by its session's expiry (Unix ms). On one
@@ -23,15 +23,10 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
-from urllib.parse import parse_qsl, unquote
 
 import redis
-from redis.backoff import NoBackoff
-from redis.cluster import ClusterNode, RedisCluster
+from redis.cluster import RedisCluster
 from redis.connection import Connection
-from redis.exceptions import RedisClusterException
-from redis.retry import Retry
-from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from .base import (
     USER_KEY,
@@ -48,19 +43,16 @@ from .base import (
     log,
     now,
 )
-
-#: What any of redis-py's clients raises when Redis cannot answer: a cluster client also
-#: raises RedisClusterException (not a RedisError) when it cannot reach a node that knows the slots.
-ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
-
-Client = redis.Redis | RedisCluster
-
-SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
-CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
-SENTINEL_PORT = 26379
-CLUSTER_PORT = 6379
-_TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
-_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+from .redis_client import (
+    ERRORS,
+    Client,
+    client_factory,
+    close_client,
+    failed,
+    on_new_connections,
+    raise_errors,
+    store_errors,
+)
 
 # The session's expiry (Unix seconds) sits in the hash beside its values, under a field no
 # session key can have (they hold no NUL), so that a read is a single HGETALL.
@@ -271,14 +263,14 @@ class RedisStore(CacheStore):
         if client is None:
             if url is None:
                 raise ValueError("RedisStore needs a url or a client")
-            make, connects = _client_factory(url, timeout)  # a bad URL raises ValueError here
+            make, connects = client_factory(url, timeout)  # a bad URL raises ValueError here
             if connects:
                 self._make = make  # a cluster client connects when made: at first use, not at start-up
             else:
                 client = make()
         if client is not None:
             self._client = client
-            _on_new_connections(client, self._connected)
+            on_new_connections(client, self._connected)
         self.prefix = prefix
         self._expected: str | None = None  # the only server commands may run on (see expect())
         after_fork(self, RedisStore._after_fork)
@@ -303,12 +295,9 @@ class RedisStore(CacheStore):
         try:
             # execute_command() rather than hgetall(): the same command, with less per-call wrapping
             fields = self.client.execute_command("HGETALL", self.prefix + key)  # type: ignore[no-untyped-call]
-        except redis.ResponseError as exc:
-            _malformed(exc)
-            return None
         except ERRORS as exc:
-            raise StoreError(f"Redis: {exc}") from exc
-        return _session(fields)
+            fields = read_reply(exc)  # None for a record of another type
+        return None if fields is None else _session(fields)
 
     def create(self, key: str, data: Mapping[str, str], ttl: float) -> None:
         self._write(_CREATE, key, data, ttl)  # one round trip, where MULTI takes two
@@ -325,7 +314,7 @@ class RedisStore(CacheStore):
         replies = self._scripts(_ADD, [(name, args) for name, args, _ in writes])
         stored = [member for (*_, member), reply in zip(writes, replies, strict=True) if reply == 1]  # not an error
         self._index_copies([member for member in stored if member is not None])
-        _raise_first_error(replies)
+        raise_errors(replies)
         return len(stored)
 
     def _write(self, script: str, key: str, data: Mapping[str, str], ttl: float) -> bool:
@@ -449,7 +438,7 @@ class RedisStore(CacheStore):
         if not members:
             return
         try:
-            _raise_first_error(self._scripts(_INDEX, [self._index_call(member) for member in members]))
+            raise_errors(self._scripts(_INDEX, [self._index_call(member) for member in members]))
         except StoreError:
             with contextlib.suppress(*ERRORS):
                 self.client.unlink(*[self.prefix + member.key for member in members])
@@ -577,14 +566,12 @@ class RedisStore(CacheStore):
         """The names of the sessions' keys, ``batch`` at a time: SCAN ... COUNT ``batch``, on a cluster
         on each primary in turn (redis-py's scan_iter)."""
         names: list[Any] = []
-        try:
+        with store_errors():
             for name in self.client.scan_iter(match=_glob_escape(self.prefix) + self.session_keys, count=batch):
                 names.append(name)
                 if len(names) == batch:
                     yield names
                     names = []
-        except ERRORS as exc:
-            raise StoreError(f"Redis: {exc}") from exc
         if names:
             yield names
 
@@ -594,7 +581,7 @@ class RedisStore(CacheStore):
 
     def _loaded(self, replies: Iterator[Any]) -> Record | None:
         """The session that :meth:`_queue_load`'s commands read, from the next of ``replies``."""
-        fields = pipelined(next(replies))
+        fields = read_reply(next(replies))
         return None if fields is None else _session(fields)
 
     def delete_many(self, keys: Sequence[str]) -> None:
@@ -602,20 +589,13 @@ class RedisStore(CacheStore):
             self._run(self.client.unlink, *[self.prefix + key for key in keys])
 
     def close(self) -> None:
-        client = self._client
-        if not self._owns_client or client is None:
-            return
-        client.close()
-        pool = getattr(client, "connection_pool", None)
-        if isinstance(pool, SentinelConnectionPool):
-            pool.sentinel_manager.close()  # the connections to the Sentinels themselves
+        if self._owns_client and self._client is not None:
+            close_client(self._client)
 
     @staticmethod
     def _run(command: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
+        with store_errors():
             return command(*args, **kwargs)
-        except ERRORS as exc:
-            raise StoreError(f"Redis: {exc}") from exc
 
 
 class _Member(NamedTuple):
@@ -644,12 +624,6 @@ def _text(reply: Any) -> str:
     return reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
 
 
-def _on_new_connections(client: Client, hook: Callable[[Connection], None]) -> None:
-    """Have ``hook`` run on every connection the client's pool opens (plain and Sentinel clients)."""
-    if isinstance(client, redis.Redis):
-        client.connection_pool.connection_kwargs.setdefault("redis_connect_func", hook)
-
-
 def _session(fields: dict[bytes, bytes]) -> Record | None:
     """A session's hash, as HGETALL returns it, decoded; None for no hash, or a malformed one (logged)."""
     stamp = fields.pop(_EXPIRES, None)
@@ -665,28 +639,16 @@ def _session(fields: dict[bytes, bytes]) -> Record | None:
     return Record(data, expires)
 
 
-def _malformed(exc: redis.ResponseError) -> None:
-    """Log a refusal for a record of another type (a malformed one, no session); raise
-    :class:`StoreError` for any other (CLUSTERDOWN, TRYAGAIN, MASTERDOWN...: Redis cannot answer now)."""
-    if not wrong_type(exc):
-        raise StoreError(f"Redis: {exc}") from exc
-    log.warning("Ignoring a malformed session record in Redis")
-
-
-def _raise_first_error(replies: Sequence[Any]) -> None:
-    """Raise :class:`StoreError` for the first error among a pipeline's replies, if any."""
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise StoreError(f"Redis: {reply}") from reply
-
-
-def pipelined(reply: Any) -> Any:
-    """One reply of a pipeline run with ``raise_on_error=False``; None for a record of another type."""
-    if isinstance(reply, redis.ResponseError):
-        _malformed(reply)
+def read_reply(reply: Any) -> Any:
+    """A reply to what reads a session, or the error redis-py raised or gave (a pipeline run with
+    ``raise_on_error=False``) in its place: None for a refusal of a record of another type (a malformed
+    one, no session: logged); any other error (CLUSTERDOWN, TRYAGAIN, MASTERDOWN, a lost connection...:
+    Redis cannot answer now) raises :class:`StoreError`."""
+    if isinstance(reply, redis.ResponseError) and wrong_type(reply):
+        log.warning("Ignoring a malformed session record in Redis")
         return None
     if isinstance(reply, Exception):
-        raise StoreError(f"Redis: {reply}") from reply
+        failed(reply)
     return reply
 
 
@@ -724,169 +686,3 @@ def wrong_type(exc: redis.ResponseError) -> bool:
     """Whether Redis refused a command because the key holds another type (a malformed record)."""
     message = str(exc)
     return message.startswith("WRONGTYPE") or "error: WRONGTYPE" in message  # a pipeline prefixes the command
-
-
-# -- URLs --------------------------------------------------------------------------------------
-
-
-def client_from_url(url: str, timeout: float = 1.0) -> Client:
-    """redis-py's client for a ``REDIS_URL``, with short timeouts and one immediate reconnect.
-
-    - ``redis://[user:password@]host[:port][/db]``, ``rediss://...`` (TLS), ``unix:///path.sock``:
-      :meth:`redis.Redis.from_url`, with all of its query options.
-    - ``redis+sentinel://[user:password@]host[:port][,host2[:port2]...]/service[/db]``: the master
-      of ``service`` as the Sentinels name it (:meth:`redis.sentinel.Sentinel.master_for`), followed
-      through a failover. The user and password are the master's; ``?sentinel_password=`` (and
-      ``sentinel_username=``) authenticate to the Sentinels. Sentinels default to port 26379.
-    - ``redis+cluster://[user:password@]host[:port][,host2[:port2]...]``: a Redis Cluster
-      (:class:`redis.cluster.RedisCluster`) found through any of the listed nodes (port 6379 by default).
-    - ``rediss+sentinel://`` and ``rediss+cluster://``: the same over TLS, to the Sentinels too;
-      ``?ssl_ca_certs=``, ``ssl_certfile=``, ``ssl_keyfile=``, ``ssl_cert_reqs=`` (required, optional,
-      none) and ``ssl_check_hostname=`` (true, false) tune it.
-
-    A URL that cannot work raises :class:`ValueError` saying why. Making a cluster client
-    connects (redis-py reads the slot map at once); :class:`RedisStore` defers that to first use.
-    """
-    return _client_factory(url, timeout)[0]()
-
-
-def _client_factory(url: str, timeout: float) -> tuple[Callable[[], Client], bool]:
-    """Check ``url``; return what makes its client, and whether making it connects."""
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    socket_options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if scheme in SENTINEL_SCHEMES:
-        return _sentinel_factory(url, scheme, socket_options), False
-    if scheme in CLUSTER_SCHEMES:
-        return _cluster_factory(url, scheme, socket_options), True
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"unknown scheme {scheme + '://' if scheme else '(none)'}: use redis://, rediss://, unix://, "
-            "redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster://"
-        )
-    # Short timeouts, and one immediate reconnect for a connection that went stale
-    # (a restarted server) but no retry of a timeout: a hung server costs one timeout.
-    client = redis.Redis.from_url(url, retry=_reconnect_once(), **socket_options)
-    return lambda: client, False
-
-
-def _reconnect_once() -> Retry:
-    return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
-
-
-class _Parts:
-    """A multi-host URL taken apart: ``scheme://[user:password@]host:port,host:port/path?query``."""
-
-    def __init__(self, url: str, scheme: str, default_port: int) -> None:
-        rest = url.split("://", 1)[1].split("#", 1)[0]
-        rest, _, query = rest.partition("?")
-        netloc, slash, path = rest.partition("/")
-        self.path = slash + path
-        userinfo, at, hosts = netloc.rpartition("@")
-        user, _, password = userinfo.partition(":")
-        self.username = (unquote(user) or None) if at else None
-        self.password = (unquote(password) or None) if at else None
-        self.hosts = [_host_port(item.strip(), default_port, scheme) for item in hosts.split(",")]
-        self.options = dict(parse_qsl(query, keep_blank_values=True))
-        self.tls = SENTINEL_SCHEMES.get(scheme, False) or CLUSTER_SCHEMES.get(scheme, False)
-
-    def take_options(self, scheme: str, allowed: tuple[str, ...]) -> dict[str, Any]:
-        """The query options as redis-py keywords; any other option is an error."""
-        allowed = allowed + (_TLS_OPTIONS if self.tls else ())
-        unknown = sorted(set(self.options) - set(allowed))
-        if unknown:
-            tls_hint = "" if self.tls else f" (TLS options need {scheme.replace('redis+', 'rediss+')}://)"
-            raise ValueError(
-                f"unknown option {', '.join(unknown)} in a {scheme}:// URL; known: {', '.join(allowed)}{tls_hint}"
-            )
-        found: dict[str, Any] = {k: v for k, v in self.options.items() if v != ""}
-        if found.get("ssl_cert_reqs", "none") not in ("required", "optional", "none"):
-            raise ValueError("ssl_cert_reqs must be required, optional or none")
-        if "ssl_check_hostname" in found:
-            flag = found["ssl_check_hostname"].lower()
-            if flag not in ("true", "false"):
-                raise ValueError("ssl_check_hostname must be true or false")
-            found["ssl_check_hostname"] = flag == "true"
-        return found
-
-
-def _host_port(item: str, default_port: int, scheme: str) -> tuple[str, int]:
-    example = f"{scheme}://host:{default_port},host2:{default_port}" + ("/mymaster/0" if "sentinel" in scheme else "")
-    if not item:
-        raise ValueError(f"no host (or an empty one in the comma-separated list): expected {example}")
-    if item.startswith("["):  # [IPv6]:port
-        host, bracket, port = item[1:].partition("]")
-        if not bracket or (port and not port.startswith(":")):
-            raise ValueError(f"bad host {item!r}: write an IPv6 address as [address]:port")
-        port = port[1:]
-    else:
-        host, _, port = item.partition(":")
-        if ":" in port:
-            raise ValueError(f"bad host {item!r}: write an IPv6 address as [address]:port")
-    if not host:
-        raise ValueError(f"no host name in {item!r}: expected {example}")
-    if not port:
-        return host, default_port
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad port {port!r} for host {host}: expected a number from 1 to 65535")
-    return host, int(port)
-
-
-def _sentinel_factory(url: str, scheme: str, socket_options: dict[str, Any]) -> Callable[[], Client]:
-    parts = _Parts(url, scheme, SENTINEL_PORT)
-    segments = [s for s in parts.path.split("/") if s]
-    if not segments:
-        raise ValueError(f"no service name: expected {scheme}://host:{SENTINEL_PORT}[,host2:port]/mymaster[/db]")
-    if len(segments) > 2:
-        raise ValueError(f"too many path parts {parts.path!r}: expected /service[/db]")
-    service, db = unquote(segments[0]), segments[1] if len(segments) == 2 else "0"
-    if not db.isdigit():
-        raise ValueError(f"bad database number {db!r} after the service name: expected /{service}/0")
-    options = parts.take_options(scheme, _SENTINEL_OPTIONS)
-    tls = {k: v for k, v in options.items() if k.startswith("ssl_")}
-    if parts.tls:
-        tls["ssl"] = True
-    sentinel_options = {
-        **socket_options,
-        **tls,
-        "username": options.get("sentinel_username"),
-        "password": options.get("sentinel_password"),
-        # No retry on a Sentinel: the next one in the list is asked instead.
-        "retry": Retry(NoBackoff(), 0),
-    }
-    manager = Sentinel(parts.hosts, sentinel_kwargs=sentinel_options)  # type: ignore[no-untyped-call, unused-ignore]
-    # The pool asks the Sentinels for the master's address whenever it opens a connection, and
-    # drops a connection to a master that was demoted: a failover costs failed requests, no restart.
-    client = manager.master_for(  # type: ignore[no-untyped-call, unused-ignore]
-        service,
-        db=int(db),
-        username=parts.username,
-        password=parts.password,
-        retry=_reconnect_once(),
-        **socket_options,
-        **tls,
-    )
-    return lambda: client
-
-
-def _cluster_factory(url: str, scheme: str, socket_options: dict[str, Any]) -> Callable[[], Client]:
-    parts = _Parts(url, scheme, CLUSTER_PORT)
-    if parts.path.strip("/") not in ("", "0"):
-        raise ValueError(f"a cluster has only database 0, not {parts.path!r}: expected {scheme}://host:port,...")
-    options = parts.take_options(scheme, ())
-    if parts.tls:
-        options["ssl"] = True
-    nodes = [ClusterNode(host, port) for host, port in parts.hosts]  # type: ignore[no-untyped-call]
-
-    def make() -> Client:
-        # One immediate retry of a failed command (redis-py refreshes the slot map first):
-        # a failover inside the cluster, or a node that moved, costs one more round trip.
-        return RedisCluster(
-            startup_nodes=nodes,
-            username=parts.username,
-            password=parts.password,
-            retry=Retry(NoBackoff(), 1),
-            **socket_options,
-            **options,
-        )
-
-    return make
