@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from servers import pg_sql
+from servers import each_pg_driver, pg_sql
 
 from wsgisession import MemoryStore, SessionStore, SQLiteStore, StoreError
 from wsgisession.stores import Changes
@@ -29,7 +29,7 @@ from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.sql import SQLStore
 
-SQL_KINDS = ["sqlite", "postgres"]
+SQL_KINDS = ["sqlite", "postgres-psycopg", "postgres-psycopg2"]
 THREAD_NAME = "wsgisession-cleanup"
 TTL = 60.0
 
@@ -147,11 +147,11 @@ def test_cleanup_thread_starts_on_first_use_cleans_and_stops_on_close(
 ) -> None:
     caplog.set_level(logging.INFO, logger="wsgisession")
     before = set(cleanup_threads())
-    if kind == "postgres":
+    if kind.startswith("postgres"):
         # The table exists (made by another store); this one is built without touching the server.
-        owner = make_store("postgres")
+        owner = make_store(kind)
         assert isinstance(owner, PostgresStore)
-        store = make_store("postgres", table=owner.table, create_table=False, cleanup_interval=0.2)
+        store = make_store(kind, table=owner.table, create_table=False, cleanup_interval=0.2)
         assert set(cleanup_threads()) == before, "the thread started before the store was used"
         store.load(new_key())  # first use
     else:
@@ -218,7 +218,7 @@ CLEANER = """
 import sys
 from wsgisession.stores.postgres import PostgresStore
 
-store = PostgresStore(sys.argv[1], table=sys.argv[2], cleanup_interval=0, create_table=False)
+store = PostgresStore(sys.argv[1], table=sys.argv[2], cleanup_interval=0, create_table=False, driver=sys.argv[3])
 store.ping()
 print("ready", flush=True)
 for line in sys.stdin:
@@ -242,7 +242,7 @@ def cleaners(make_store: Callable[..., SessionStore]) -> Iterator[tuple[Postgres
     assert isinstance(store, PostgresStore)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", CLEANER, store.dsn, store.table],
+            [sys.executable, "-c", CLEANER, store.dsn, store.table, store.driver.name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -262,6 +262,7 @@ def cleaners(make_store: Callable[..., SessionStore]) -> Iterator[tuple[Postgres
                     stream.close()
 
 
+@each_pg_driver
 def test_two_processes_cleaning_one_table_remove_each_row_once(
     cleaners: tuple[PostgresStore, list[subprocess.Popen[str]]],
 ) -> None:

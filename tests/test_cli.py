@@ -98,7 +98,9 @@ def test_check_on_postgres_masks_the_password(tmp_path: Path, database_url: str,
     assert result.returncode == 0, result.stderr
     assert "No REDIS_URL provided, using PostgreSQL for sessions" in result.stdout
     assert "Using PostgreSQL for session storage" in result.stdout
-    assert re.search(rf"^Store: PostgresStore at \S+:\*\*\*@\S+ \(table {table}\)$", result.stdout, re.MULTILINE)
+    assert re.search(
+        rf"^Store: PostgresStore at \S+:\*\*\*@\S+ \(table {table}, driver psycopg\)$", result.stdout, re.MULTILINE
+    )
     assert ROUND_TRIP.search(result.stdout), result.stdout
     assert password not in result.stdout + result.stderr
 

@@ -1,8 +1,8 @@
 """Copying sessions between stores: ``scan`` lists every live session in batches, ``add`` stores a copy
 unless a live session is there already, ``add_many`` a batch of them at once. Run on every store kind, on
-the real servers: memory, SQLite, PostgreSQL, Redis (one server, behind Sentinels, a three-node cluster),
-the express format's stores (connect-redis's records, connect-pg-simple's table) and the Redis +
-PostgreSQL pair.
+the real servers: memory, SQLite, PostgreSQL (each driver), Redis (one server, Valkey's too, behind
+Sentinels, a three-node cluster), the express format's stores (connect-redis's records, connect-pg-simple's
+table on each driver) and the Redis + PostgreSQL pair (each of servers.PAIRS).
 """
 
 from __future__ import annotations
@@ -18,7 +18,17 @@ from typing import Any
 
 import pytest
 from redis_topologies import ClusterSetup, SentinelSetup
-from servers import drop_table, free_port, require_postgres, require_redis, unique
+from servers import (
+    PAIRS,
+    PG_DRIVERS,
+    drop_table,
+    each_pg_driver,
+    each_redis_kind,
+    free_port,
+    require_postgres,
+    shared_redis_url,
+    unique,
+)
 from test_failover import PROBE, TIMEOUT
 from test_round_trips import Wire, counting_redis
 from test_users_sql import CountedConnectPg, CountedPostgres, CountedSQLite
@@ -35,8 +45,10 @@ from wsgisession.stores.migrating import move
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
 
-EXPRESS = ["express-redis", "express-redis-cluster", "express-pg"]
-KINDS = ["memory", "sqlite", "postgres", "redis", "redis-sentinel", "redis-cluster", *EXPRESS, "pair"]
+POSTGRES = [f"postgres-{driver}" for driver in PG_DRIVERS]
+EXPRESS = ["express-redis", "express-redis-cluster", *(f"express-pg-{driver}" for driver in PG_DRIVERS)]
+PAIR = [f"pair-{kind}-{driver}" for kind, driver in PAIRS]
+KINDS = ["memory", "sqlite", *POSTGRES, "redis", "valkey", "redis-sentinel", "redis-cluster", *EXPRESS, *PAIR]
 DOCUMENT = ExpressDocument(3600)
 LOGIN = int(time.time())  # when the users of values() logged in
 
@@ -68,24 +80,26 @@ def build(request: pytest.FixtureRequest, make_store: Callable[..., SessionStore
             return str(request.getfixturevalue("cluster").url())
         if kind.endswith("-sentinel"):
             return str(request.getfixturevalue("sentinel").url())
-        return require_redis()
+        return shared_redis_url("valkey" if kind == "valkey" else "redis")
 
     def make(kind: str) -> Any:
-        if kind in ("memory", "sqlite", "postgres"):
+        if kind in ("memory", "sqlite", *POSTGRES):
             return make_store(kind)
         prefix, table = unique("copy") + ":", unique("copy")
         cleanup = lambda: None  # noqa: E731
+        driver = kind.rpartition("-")[2]
         store: SessionStore
-        if kind.startswith("redis"):
+        if kind.startswith(("redis", "valkey")):
             store = RedisStore(redis_url(kind), prefix=prefix)
         elif kind.startswith("express-redis"):
             store = ConnectRedisStore(redis_url(kind), document=DOCUMENT, prefix=prefix)
-        elif kind == "express-pg":
-            store = ConnectPgStore(require_postgres(), document=DOCUMENT, table=table, cleanup_interval=0)
+        elif kind.startswith("express-pg-"):
+            url = require_postgres()
+            store = ConnectPgStore(url, document=DOCUMENT, table=table, cleanup_interval=0, driver=driver)
             cleanup = lambda: drop_table(require_postgres(), table)  # noqa: E731
-        elif kind == "pair":
-            cache = RedisStore(require_redis(), prefix=prefix, timeout=TIMEOUT)
-            durable = PostgresStore(require_postgres(), table=table, cleanup_interval=0, timeout=1.0)
+        elif kind.startswith("pair-"):
+            cache = RedisStore(shared_redis_url(kind.split("-")[1]), prefix=prefix, timeout=TIMEOUT)
+            durable = PostgresStore(require_postgres(), table=table, cleanup_interval=0, timeout=1.0, driver=driver)
             store = FailoverStore(cache, durable, probe_interval=PROBE)
             cleanup = lambda: drop_table(require_postgres(), table)  # noqa: E731
         else:
@@ -336,8 +350,9 @@ def copy(source: SessionStore, target: SessionStore, batched: bool = False) -> i
 @pytest.mark.parametrize("batched", [False, True], ids=["add", "add_many"])
 @pytest.mark.parametrize(
     ("source_kind", "target_kind"),
-    [("redis", "postgres"), ("postgres", "sqlite"), ("sqlite", "redis"), ("express-redis", "express-pg"),
-     ("memory", "pair"), ("pair", "redis-cluster")],
+    [("redis", "postgres-psycopg2"), ("postgres-psycopg", "sqlite"), ("sqlite", "valkey"),
+     ("express-redis", "express-pg-psycopg"), ("memory", "pair-redis-psycopg2"),
+     ("pair-valkey-psycopg", "redis-cluster")],
 )  # fmt: skip
 def test_a_copy_loads_as_the_original(
     build: Callable[[str], Any], source_kind: str, target_kind: str, batched: bool
@@ -371,6 +386,7 @@ def test_a_copy_loads_as_the_original(
 # -- round trips -----------------------------------------------------------------------------------
 
 
+@each_redis_kind
 @pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
 def test_a_redis_scan_reads_each_batch_in_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
     wire = Wire()
@@ -388,11 +404,14 @@ def test_a_redis_scan_reads_each_batch_in_one_round_trip(cls: type[RedisStore], 
         store.close()
 
 
-@pytest.mark.parametrize("cls", [CountedPostgres, CountedSQLite])
-def test_a_sql_scan_is_one_select_per_batch(cls: type[Any], tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("cls", "driver"), [(CountedPostgres, "psycopg"), (CountedPostgres, "psycopg2"), (CountedSQLite, None)],
+    ids=["postgres-psycopg", "postgres-psycopg2", "sqlite"],
+)  # fmt: skip
+def test_a_sql_scan_is_one_select_per_batch(cls: type[Any], driver: str | None, tmp_path: Any) -> None:
     table = unique("trips")
     target = require_postgres() if cls is CountedPostgres else str(tmp_path / "trips.sqlite3")
-    store = cls(target, table=table, cleanup_interval=0)
+    store = cls(target, table=table, cleanup_interval=0, **({"driver": driver} if driver else {}))
     try:
         create_many(store, [secrets.token_hex(32) for _ in range(2500)])
         store.statements.clear()
@@ -405,31 +424,43 @@ def test_a_sql_scan_is_one_select_per_batch(cls: type[Any], tmp_path: Any) -> No
             drop_table(target, table)
 
 
-def test_postgresql_prepares_the_add_a_copy_repeats(database_url: str) -> None:
+def prepared_runs(store: PostgresStore) -> list[int]:
+    """How many times each statement prepared on the store's connection (its pool of one) ran, whichever
+    way the driver prepared it (psycopg2: PREPARE in SQL; psycopg 3: the protocol's Parse)."""
+    with store._cursor() as cur:
+        cur.execute("SELECT generic_plans + custom_plans FROM pg_prepared_statements")
+        return [runs for (runs,) in cur.fetchall()]
+
+
+@each_pg_driver
+def test_postgresql_prepares_the_add_a_copy_repeats(database_url: str, pg_driver: str) -> None:
     """A copy runs add() once per session: parsed and planned once per connection, as a request's statements."""
     table = unique("prepared")
-    store = CountedPostgres(database_url, table=table, cleanup_interval=0, pool_size=1)
+    store = CountedPostgres(database_url, table=table, cleanup_interval=0, pool_size=1, driver=pg_driver)
     try:
         store.statements.clear()
         for _ in range(3):
             store.add(secrets.token_hex(32), {"n": "1"}, time.time() + 600)
-        assert [statement.split()[0] for statement in store.statements] == ["PREPARE", "EXECUTE", "EXECUTE"]
+        assert len(store.statements) == 3
+        assert prepared_runs(store) == [3]
     finally:
         store.close()
         drop_table(database_url, table)
 
 
+@each_pg_driver
 @pytest.mark.parametrize("cls", [CountedPostgres, CountedConnectPg])
-def test_postgresql_adds_a_batch_in_one_prepared_statement(cls: type[Any], database_url: str) -> None:
+def test_postgresql_adds_a_batch_in_one_prepared_statement(cls: type[Any], database_url: str, pg_driver: str) -> None:
     """A migration's batch: one statement whatever its size, parsed and planned once per connection."""
     table = unique("batch")
     options = {"document": DOCUMENT} if cls is CountedConnectPg else {}
-    store = cls(database_url, table=table, cleanup_interval=0, pool_size=1, **options)
+    store = cls(database_url, table=table, cleanup_interval=0, pool_size=1, driver=pg_driver, **options)
     try:
         store.statements.clear()
         for size in (1000, 10, 1000):
             assert store.add_many([(new_key(store), values(n), time.time() + 600) for n in range(size)]) == size
-        assert [statement.split()[0] for statement in store.statements] == ["PREPARE", "EXECUTE", "EXECUTE"]
+        assert len(store.statements) == 3
+        assert prepared_runs(store) == [3]
     finally:
         store.close()
         drop_table(database_url, table)
@@ -447,6 +478,7 @@ def test_sqlite_adds_a_batch_in_one_transaction(tmp_path: Any) -> None:
         store.close()
 
 
+@each_redis_kind
 @pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
 def test_a_redis_add_many_is_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
     """A migration's batch: one pipelined round trip, whatever its size."""
@@ -464,6 +496,7 @@ def test_a_redis_add_many_is_one_round_trip(cls: type[RedisStore], redis_url: st
         store.close()
 
 
+@each_redis_kind
 def test_a_server_that_lost_the_script_still_takes_the_batch(private_redis: Any) -> None:
     """A Redis restarted or flushed meanwhile lacks the script: each copy runs again, sent the script itself."""
     store = RedisStore(private_redis.url, prefix="lost:")
@@ -500,8 +533,9 @@ def test_a_migration_copies_each_batch_in_one_round_trip(redis_url: str) -> None
 # -- the pair: what the cache gets ----------------------------------------------------------------
 
 
-def test_the_pair_caches_the_copy(build: Callable[[str], Any]) -> None:
-    pair = build("pair")
+@pytest.mark.parametrize("kind", PAIR)
+def test_the_pair_caches_the_copy(build: Callable[[str], Any], kind: str) -> None:
+    pair = build(kind)
     key, user = new_key(pair), secrets.token_hex(8)
     assert pair.add(key, values(1, user), time.time() + 600)
     cached = pair.cache.load(key)

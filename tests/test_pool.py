@@ -10,8 +10,8 @@ from pg_server import PostgresServer
 from servers import running, unique
 
 from wsgisession.stores.base import StoreError
+from wsgisession.stores.pool import Pool
 from wsgisession.stores.postgres import PostgresStore
-from wsgisession.stores.sql import Pool
 
 
 class Connection:

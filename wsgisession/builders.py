@@ -44,15 +44,13 @@ def postgres_from(settings: Settings, cleanup_interval: float) -> PostgresStore:
     """The PostgreSQL store of these settings, its driver and URL checked, not connected."""
     if not settings.database_url:
         raise ConfigError("SESSION_STORE=postgres needs DATABASE_URL")
+    from .stores.pg_driver import DriverMissing, driver_class
+
     try:
-        import psycopg2.extensions
-    except ImportError:
-        raise ConfigError(
-            "DATABASE_URL is set but psycopg2 is not installed: pip install 'wsgisession[postgres]'"
-        ) from None
-    try:
-        psycopg2.extensions.parse_dsn(settings.database_url)
-    except psycopg2.ProgrammingError:  # its message quotes the URL, password and all
+        driver_class(settings.pg_driver).check(settings.database_url)
+    except DriverMissing as exc:
+        raise ConfigError(f"DATABASE_URL is set but {exc}") from None
+    except ValueError:
         raise ConfigError(
             f"DATABASE_URL {mask_url(settings.database_url)} is not a PostgreSQL URL "
             "(expected postgresql://user:password@host:port/database)"
@@ -68,7 +66,7 @@ def postgres_store(settings: Settings, dsn: str, **options: Any) -> PostgresStor
     from .stores.postgres import PostgresStore
 
     options = {"table": settings.table, "timeout": max(settings.store_timeout, 1.0), "prepare": settings.pg_prepare,
-               **options}  # fmt: skip
+               "driver": settings.pg_driver, **options}  # fmt: skip
     if settings.format == "express":
         return ConnectPgStore(dsn, document=express_document(settings), **options)
     return PostgresStore(dsn, **options)

@@ -260,7 +260,8 @@ def describe(store: SessionStore, settings: Settings) -> str:
     if "RedisStore" in kinds and settings.redis_url:
         return f"{name} at {mask_url(settings.redis_url)} (key prefix {settings.redis_prefix!r})"
     if "PostgresStore" in kinds and settings.database_url:
-        return f"{name} at {mask_url(settings.database_url)} (table {settings.table})"
+        driver = store.driver.name  # type: ignore[attr-defined]
+        return f"{name} at {mask_url(settings.database_url)} (table {settings.table}, driver {driver})"
     if "SQLiteStore" in kinds:
         return f"{name} at {getattr(store, 'path', '?')} (table {settings.table})"
     if name == "MemoryStore":

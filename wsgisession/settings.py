@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .stores.pg_driver import EXTRAS
 from .stores.sql import TABLE_NAME
 
 log = logging.getLogger("wsgisession")
@@ -59,6 +60,7 @@ class Settings:
     probe_interval: float = 1.0
     latency_budget: float = 0.1
     pg_prepare: bool = True
+    pg_driver: str | None = None  # None: psycopg 3 when installed, else psycopg2
     max_per_user: int = 0  # 0: no limit
     client_details: bool = False  # keep each logged-in session's user agent and IP, for the user's list
     migrate_from: str | None = dataclasses.field(default=None, repr=False)  # the store sessions move from
@@ -133,6 +135,8 @@ class Settings:
             )
         if self.format not in ("native", "express"):
             raise ConfigError(f"SESSION_FORMAT must be native or express, not {self.format!r}")
+        if self.pg_driver not in (None, *EXTRAS):
+            raise ConfigError(f"SESSION_PG_DRIVER must be psycopg (psycopg 3) or psycopg2, not {self.pg_driver!r}")
         if self.store is not None and self.store not in STORES:
             raise ConfigError(f"SESSION_STORE must be one of {', '.join(STORES)}, not {self.store!r}")
         if not TABLE_NAME.fullmatch(self.table):
@@ -237,6 +241,7 @@ _VARIABLES: dict[str, tuple[str, Any]] = {
     "probe_interval": ("SESSION_PROBE_INTERVAL", float),
     "latency_budget": ("SESSION_LATENCY_BUDGET", float),
     "pg_prepare": ("SESSION_PG_PREPARE", _flag),
+    "pg_driver": ("SESSION_PG_DRIVER", str.lower),
     "max_per_user": ("SESSION_MAX_PER_USER", int),
     "client_details": ("SESSION_CLIENT_DETAILS", _flag),
     "migrate_from": ("SESSION_MIGRATE_FROM", str),

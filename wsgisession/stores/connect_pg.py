@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import psycopg2
-
 from .base import USER_KEY, Changes, Record, json_object, now
 from .express import ExpressDocument
 from .postgres import PostgresStore
@@ -94,7 +92,7 @@ class ConnectPgStore(PostgresStore):
     def _merge(self, cur: Any, key: str, changes: Changes, expires: float) -> bool:
         try:
             return super()._merge(cur, key, changes, expires)
-        except psycopg2.DataError:
+        except self.driver.data_error:
             # jsonb refuses what json keeps and Node.js may have stored (a NUL, a lone
             # surrogate): merge in Python instead, with the row locked for the moment.
             return self._rewrite(cur, key, changes, expires)

@@ -1,18 +1,15 @@
-"""Sessions in PostgreSQL over psycopg2: plain SQL, a per-process pool, one statement per write."""
+"""Sessions in PostgreSQL over psycopg 3 or psycopg2: plain SQL, a per-process pool, one statement per write."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-import psycopg2
-import psycopg2.errors
-import psycopg2.extensions
-import psycopg2.extras
-
-from .base import USER_KEY, Changes, Copy, json_object, log, now
+from .base import USER_KEY, Changes, Copy, json_object, now
+from .pg_driver import driver_class
+from .pool import Connections
 from .sql import SQLStore
 
 
@@ -27,7 +24,7 @@ class PostgresStore(SQLStore):
     mark_type = "BIGSERIAL"
     nulls_last = " NULLS LAST"
     rewrite_lock = " FOR UPDATE"
-    errors = (psycopg2.Error,)
+    skip_locked = " FOR UPDATE SKIP LOCKED"
 
     def __init__(
         self,
@@ -39,9 +36,11 @@ class PostgresStore(SQLStore):
         timeout: float = 3.0,
         create_table: bool = True,
         prepare: bool = True,
+        driver: str | None = None,
     ) -> None:
         """``prepare=False``: never prepare statements (for a pooler that pins the connection of a
-        client that does, such as RDS Proxy)."""
+        client that does, such as RDS Proxy). ``driver``: ``"psycopg"`` (psycopg 3) or ``"psycopg2"``;
+        by default psycopg 3 when it is installed (see :mod:`.pg_driver`)."""
         self.dsn = dsn
         super().__init__(table, cleanup_interval, pool_size, timeout)
         self._lock_id = int.from_bytes(hashlib.sha256(f"wsgisession:{table}".encode()).digest()[:8], "big", signed=True)
@@ -52,12 +51,14 @@ class PostgresStore(SQLStore):
         # many sessions one user has (a partial index's expression has no statistics).
         i = self.columns[0]
         self._sql_trim_user = f"DELETE FROM {self.table} WHERE {i} = ANY(ARRAY({self._sql_beyond})) RETURNING {i}"
+        self._sql_delete_many = f"DELETE FROM {self.table} WHERE {i} = ANY(%s::text[])"
         # The statements each request runs, prepared once per connection: the server then
-        # parses and plans them once, not on every call (about a fifth of a read's time); and the adds
-        # that copy sessions in, which a migration repeats.
+        # parses and plans them once, not on every call (about a fifth of a read's time); the adds
+        # that copy sessions in, which a migration repeats; and the deletion of a list of sessions.
         statements = (self._sql_load, self._sql_create, self._sql_touch, self._sql_delete, self._sql_merge,
-                      self._sql_add, self._sql_add_many)  # fmt: skip
-        self._prepared = {sql: _prepared(sql) for sql in statements} if prepare else {}
+                      self._sql_add, self._sql_add_many, self._sql_delete_many)  # fmt: skip
+        self.driver = driver_class(driver)(dsn, timeout, statements if prepare else ())
+        self.errors = self.driver.errors
         if create_table:
             self.setup()
 
@@ -83,17 +84,16 @@ class PostgresStore(SQLStore):
         return ["BEGIN", f"SELECT pg_advisory_xact_lock({self._lock_id})", *self.schema(), "COMMIT"]
 
     def _connect(self) -> Any:
-        conn = psycopg2.connect(
-            self.dsn,
-            connect_timeout=max(1, round(self._timeout)),
-            application_name="wsgisession",
-            connection_factory=_Connection,
-        )
-        conn.autocommit = True
-        # JSON columns come back as text, decoded by the store, which copes with malformed records.
-        psycopg2.extras.register_default_json(conn, loads=_text)
-        psycopg2.extras.register_default_jsonb(conn, loads=_text)
-        return conn
+        return self.driver.connect()
+
+    def _new_pool(self) -> Connections:
+        return self.driver.pool(self._pool_size)
+
+    def _cursor_on(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        return self.driver.cursor(conn)
+
+    def _batch(self, cur: Any) -> contextlib.AbstractContextManager[None]:
+        return self.driver.batch(cur)
 
     def add_many(self, sessions: Sequence[Copy]) -> int:
         """One statement for the batch, its values in one array per column (so its text, prepared, is the
@@ -115,6 +115,10 @@ class PostgresStore(SQLStore):
             cur.execute(self._sql_trim_user, (user, now(), keep, limit))
             return [key for (key,) in cur.fetchall()]
 
+    def _delete_keys(self, cur: Any, keys: list[str]) -> None:
+        """One DELETE, however many the keys: they go as one array (and the statement is prepared)."""
+        self._execute(cur, self._sql_delete_many, (keys,))
+
     def _merge_sql(self) -> str:
         """One statement that merges per-key changes into a live row (jsonb operators)."""
         return (
@@ -130,48 +134,7 @@ class PostgresStore(SQLStore):
         return bool(cur.rowcount)
 
     def _execute(self, cur: Any, sql: str, params: tuple[Any, ...]) -> None:
-        """Run ``sql`` as the statement prepared on this connection (prepared in the same round
-        trip on first use).
-
-        Behind a pooler that hands each transaction to any server connection (PgBouncer in
-        transaction mode), a statement is not prepared where the next call runs: the first
-        sign of that makes this store run its statements unprepared from then on. A statement
-        that ALTER TABLE outdated is prepared anew on that connection.
-        """
-        statement = self._prepared.get(sql)
-        if statement is None:
-            cur.execute(sql, params)
-            return
-        known = cur.connection.prepared
-        try:
-            if statement.name in known:
-                cur.execute(statement.execute, params)
-                return
-            try:
-                cur.execute(f"{statement.prepare}; {statement.execute}", params)
-            except psycopg2.errors.DuplicatePreparedStatement:  # by a call whose EXECUTE failed
-                known.add(statement.name)
-                cur.execute(statement.execute, params)
-            known.add(statement.name)
-        except psycopg2.errors.InvalidSqlStatementName as exc:
-            if self._prepared:
-                self._prepared = {}
-                log.info("PostgreSQL: statements are no longer prepared (%s)", str(exc).strip())
-            cur.execute(sql, params)
-        except psycopg2.errors.FeatureNotSupported:  # "cached plan must not change result type"
-            known.discard(statement.name)
-            with contextlib.suppress(psycopg2.errors.InvalidSqlStatementName):
-                cur.execute(f"DEALLOCATE {statement.name}")
-            cur.execute(sql, params)
-
-    def _claim_cleanup(self, cur: Any) -> bool:
-        # A transaction-level lock: held only for one batch, and valid behind PgBouncer.
-        cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (self._lock_id,))
-        return bool(cur.fetchone()[0])
-
-
-def _text(value: str) -> str:
-    return value
+        self.driver.execute(cur, sql, params)
 
 
 def _distinct(sessions: Sequence[Copy]) -> Iterable[Copy]:
@@ -181,28 +144,3 @@ def _distinct(sessions: Sequence[Copy]) -> Iterable[Copy]:
     for session in sessions:
         first.setdefault(session[0], session)
     return first.values()
-
-
-class _Connection(psycopg2.extensions.connection):  # type: ignore[misc]
-    """A psycopg2 connection that remembers the names of the statements prepared on it."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.prepared: set[str] = set()
-
-
-class _Prepared(NamedTuple):
-    """A statement as this store prepares it: its name, its PREPARE and its EXECUTE."""
-
-    name: str
-    prepare: str
-    execute: str
-
-
-def _prepared(sql: str) -> _Prepared:
-    """``PREPARE`` and ``EXECUTE`` for ``sql`` (``%s`` parameters), named after its text: two
-    different statements never share a name, even on a server connection a pooler shares."""
-    name = "wsgisession_" + hashlib.sha256(sql.encode()).hexdigest()[:20]
-    first, *rest = sql.split("%s")
-    body = first + "".join(f"${number}{part}" for number, part in enumerate(rest, 1))
-    return _Prepared(name, f"PREPARE {name} AS {body}", f"EXECUTE {name} ({', '.join(['%s'] * len(rest))})")

@@ -1,8 +1,8 @@
-"""What the SQL stores share: the table, the statements, a connection pool and the cleanup thread.
+"""What the SQL stores share: the table, the statements and the cleanup thread.
 
 SQLite and PostgreSQL differ only in the pieces a subclass names: the parameter
-marker, how a Unix time is written and read, the merge of per-key changes, and
-how one cleaner is chosen among several processes.
+marker, how a Unix time is written and read, the merge of per-key changes, how
+several processes' cleaners share the expired rows, and the pool and driver.
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from .base import (
@@ -34,117 +33,16 @@ from .base import (
     merged,
     now,
 )
+from .pool import Connections, Pool, close_quietly
 
 # 57 characters at most: the table of stale marks adds "_stale", within PostgreSQL's 63.
 TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,56}(\.[A-Za-z_][A-Za-z0-9_]{0,56})?")
 CLEANUP_BATCH = 1000
 DELETE_BATCH = 500  # keys per DELETE of delete_many: within SQLite's oldest limit of 999 parameters
 
-# Connections inherited through a fork are kept, never closed, so that the child
-# does not end the parent's connection (a PostgreSQL close sends Terminate).
-_inherited: list[Any] = []
-
 
 class ConnectionLost(StoreError):
     """The pooled connection had been closed by the server (which restarted, or dropped it)."""
-
-
-class Pool:
-    """A bounded, thread-safe pool of DB-API connections for one process.
-
-    The last connection returned is lent first. Lending an idle connection takes no lock
-    (``list.pop`` and ``append`` are atomic); only opening one, or waiting when ``size`` are
-    out, does.
-    """
-
-    def __init__(self, connect: Callable[[], Any], size: int, timeout: float) -> None:
-        self._connect = connect
-        self._idle: list[Any] = []
-        self._size = size
-        self._open = 0  # connections made and not yet closed
-        self._waiting = 0  # threads waiting for one
-        self._changed = threading.Condition()
-        self._timeout = timeout
-        self._closed = False
-
-    def acquire(self) -> Any:
-        """Lend a connection: an idle one, a new one, or the next one returned within the timeout."""
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return self._open_or_wait()
-
-    def release(self, conn: Any) -> None:
-        """Take a lent connection back."""
-        if self._closed:
-            self.discard(conn)
-            return
-        self._idle.append(conn)
-        if self._closed:  # close() ran meanwhile, perhaps before the append
-            self.close_idle()
-        elif self._waiting:  # read after the append: a waiter counted itself before it looked
-            with self._changed:
-                self._changed.notify()
-
-    def discard(self, conn: Any) -> None:
-        """Close a lent connection (one that saw an error), never to lend it again."""
-        try:
-            _close_quietly(conn)
-        finally:
-            self._gone()
-
-    def _open_or_wait(self) -> Any:
-        deadline = time.monotonic() + self._timeout
-        with self._changed:
-            self._waiting += 1
-            try:
-                while True:
-                    if self._closed:
-                        raise StoreError("the session store is closed")
-                    with contextlib.suppress(IndexError):
-                        return self._idle.pop()
-                    if self._open < self._size:
-                        self._open += 1
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise StoreError(f"no free database connection within {self._timeout} s")
-                    self._changed.wait(remaining)
-            finally:
-                self._waiting -= 1
-        try:
-            return self._connect()
-        except BaseException:
-            self._gone()
-            raise
-
-    def _gone(self) -> None:
-        """A connection counted as open is not: its place may be taken again."""
-        with self._changed:
-            self._open -= 1
-            self._changed.notify()
-
-    def close(self) -> None:
-        """Close the idle connections, and each lent one when it comes back; waiters get StoreError."""
-        self._closed = True
-        self.close_idle()
-
-    def close_idle(self) -> None:
-        """Close the connections no thread has borrowed (the next ones are opened anew)."""
-        with self._changed:
-            while True:
-                try:
-                    conn = self._idle.pop()  # a lock-free acquire() may take one meanwhile
-                except IndexError:
-                    break
-                _close_quietly(conn)
-                self._open -= 1
-            self._changed.notify_all()
-
-    def forget(self) -> None:
-        """Drop every connection without closing it (they belong to the parent process)."""
-        _inherited.extend(self._idle)
-        self._idle.clear()
 
 
 class SQLStore(DurableStore):
@@ -164,6 +62,8 @@ class SQLStore(DurableStore):
     #: how a merge in Python opens its transaction, and what its read adds to lock the row
     rewrite_begin = "BEGIN"
     rewrite_lock = ""
+    #: what lets several cleaners each take their own batch of expired rows (SQLite has one writer)
+    skip_locked = ""
     #: the driver's errors, reported as :class:`StoreError`.
     errors: tuple[type[BaseException], ...] = ()
 
@@ -173,7 +73,7 @@ class SQLStore(DurableStore):
         self.table = table
         self._pool_size = pool_size
         self._timeout = timeout
-        self._pool: Pool | None = None
+        self._pool: Connections | None = None
         self._lock = threading.Lock()
         self._cleaner = Periodic("wsgisession-cleanup", cleanup_interval, self._clean)
         ts, p, t = self.timestamp(self.param), self.param, table
@@ -190,7 +90,7 @@ class SQLStore(DurableStore):
         self._sql_delete = f"DELETE FROM {t} WHERE {i} = {p}"
         self._sql_read_live = f"SELECT {d}, {self.epoch(e)} FROM {t} WHERE {i} = {p} AND {e} > {ts}{self.rewrite_lock}"
         self._sql_rewrite = self._rewrite_sql()
-        batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}"
+        batch = f"SELECT {i} FROM {t} WHERE {e} <= {ts} LIMIT {CLEANUP_BATCH}{self.skip_locked}"
         self._sql_cleanup = f"DELETE FROM {t} WHERE {i} IN ({batch})"
         self.stale_table = f"{t}_stale"
         self._sql_mark = f"INSERT INTO {self.stale_table} (key) VALUES ({p})"
@@ -289,18 +189,19 @@ class SQLStore(DurableStore):
         """Merge by reading the row, applying ``changes`` in Python and writing it back, in one
         transaction that :attr:`rewrite_begin` and :attr:`rewrite_lock` make atomic; only if the row
         holds ``expected``, and with its expiry kept when ``expires`` is None."""
-        cur.execute(self.rewrite_begin)
-        try:
-            cur.execute(self._sql_read_live, (key, now()))
-            row = cur.fetchone()
-            record = None if row is None else self._record(row[0], float(row[1]))
-            if record is None or (expected is not None and not holds(record.data, expected)):
-                return False
-            expires = record.expires if expires is None else expires
-            cur.execute(self._sql_rewrite, self._rewrite_params(key, merged(record.data, changes), expires))
-            return True
-        finally:
-            cur.execute("COMMIT")
+        with self._batch(cur):
+            cur.execute(self.rewrite_begin)
+            try:
+                cur.execute(self._sql_read_live, (key, now()))
+                row = cur.fetchone()
+                record = None if row is None else self._record(row[0], float(row[1]))
+                if record is None or (expected is not None and not holds(record.data, expected)):
+                    return False
+                expires = record.expires if expires is None else expires
+                cur.execute(self._sql_rewrite, self._rewrite_params(key, merged(record.data, changes), expires))
+                return True
+            finally:
+                cur.execute("COMMIT")
 
     def replace(self, key: str, expected: Mapping[str, str], new: Mapping[str, str]) -> bool:
         """The row read, compared and written back in one transaction (a rare maintenance write)."""
@@ -315,13 +216,21 @@ class SQLStore(DurableStore):
         """A stored document read back, or None (logged) when it is malformed."""
         return decode_record(raw, expires, f"table {self.table}")
 
-    def _claim_cleanup(self, cur: Any) -> bool:
-        """Whether this process may delete the next batch (one cleaner at a time)."""
-        return True
-
     def _execute(self, cur: Any, sql: str, params: tuple[Any, ...]) -> None:
         """Run one of the statements a request runs, on its own (autocommit)."""
         cur.execute(sql, params)
+
+    def _batch(self, cur: Any) -> contextlib.AbstractContextManager[None]:
+        """Send the statements run inside in as few round trips as their reads allow (a pipeline)."""
+        return contextlib.nullcontext()
+
+    def _cursor_on(self, conn: Any) -> contextlib.AbstractContextManager[Any]:
+        """A cursor on ``conn`` for one operation."""
+        return contextlib.closing(conn.cursor())
+
+    def _new_pool(self) -> Connections:
+        """This process's pool of connections."""
+        return Pool(self._connect, self._pool_size, self._timeout)
 
     # -- the store contract ------------------------------------------------------------
 
@@ -467,17 +376,13 @@ class SQLStore(DurableStore):
             return int(cur.fetchone()[0])
 
     def cleanup(self) -> int:
-        """Delete expired rows in batches of 1000, each in its own short transaction."""
+        """Delete expired rows in batches of 1000, one statement each: several processes' cleaners
+        each take rows no other is deleting (:attr:`skip_locked`)."""
         removed = 0
         while True:
             with self._cursor() as cur:
-                cur.execute("BEGIN")
-                if not self._claim_cleanup(cur):
-                    cur.execute("ROLLBACK")
-                    break
                 cur.execute(self._sql_cleanup, (now(),))
-                count = max(cur.rowcount, 0)
-                cur.execute("COMMIT")
+                count: int = max(cur.rowcount, 0)
             removed += count
             if count < CLEANUP_BATCH or self._cleaner.stopped:
                 break
@@ -491,7 +396,7 @@ class SQLStore(DurableStore):
         It uses a connection of its own, not the pool: a process that only builds the store
         (a gunicorn master with ``--preload``) keeps no connection and starts no thread.
         """
-        with self._cursor(pooled=False) as cur:
+        with self._cursor(pooled=False) as cur, self._batch(cur):
             for statement in self._create_statements():
                 cur.execute(statement)
 
@@ -517,11 +422,8 @@ class SQLStore(DurableStore):
         try:
             conn = pool.acquire() if pool is not None else self._connect()
             try:
-                cur = conn.cursor()
-                try:
+                with self._cursor_on(conn) as cur:
                     yield cur
-                finally:
-                    cur.close()
             except BaseException:
                 if pool is not None:
                     pool.discard(conn)
@@ -529,7 +431,7 @@ class SQLStore(DurableStore):
                         pool.close_idle()
                         lost = True
                 else:
-                    _close_quietly(conn)
+                    close_quietly(conn)
                 raise
             if pool is not None:
                 pool.release(conn)
@@ -539,13 +441,13 @@ class SQLStore(DurableStore):
             error = ConnectionLost if lost else StoreError
             raise error(f"{type(self).__name__}: {exc}".strip()) from exc
 
-    def _start(self) -> Pool:
+    def _start(self) -> Connections:
         """Make this process's pool and start its cleanup thread: on first use, so after a fork."""
         with self._lock:
             if self._cleaner.stopped:
                 raise StoreError(f"{type(self).__name__} is closed")
             if self._pool is None:
-                self._pool = Pool(self._connect, self._pool_size, self._timeout)
+                self._pool = self._new_pool()
                 self._cleaner.start()
             return self._pool
 
@@ -561,8 +463,3 @@ class SQLStore(DurableStore):
         if self._pool is not None:
             self._pool.forget()
         self._pool = None
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):  # the connection is being thrown away
-        conn.close()
