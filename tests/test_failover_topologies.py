@@ -4,7 +4,8 @@ stay open and nothing answers), and a Sentinel master that answers everything, l
 
 Real servers only (redis_topologies.py starts them on free loopback ports), a private table on the
 shared PostgreSQL, and users clicking through SessionMiddleware and test_failover.py's demo app.
-A frozen server is SIGSTOPped, and always SIGCONTinued before the test ends.
+A frozen server is SIGSTOPped, and always SIGCONTinued before the test ends. Every test runs on
+Redis with psycopg2, and on Valkey with psycopg 3 (servers.PAIRS); the one without PostgreSQL, on both.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from redis_topologies import ClusterSetup, RedisProcess, SentinelSetup, command
-from servers import SECRET, drop_table, require_postgres, unique
+from servers import SECRET, drop_table, each_pair, each_redis_kind, require_postgres, unique
 from test_failover import BACK_LINE, CHANGED_LINE, DOWN_LINE, PROBE, SLOW_LINE, TIMEOUT, Browser, Log, demo
 
 from wsgisession import SessionMiddleware
@@ -55,29 +56,29 @@ def log(caplog: pytest.LogCaptureFixture) -> Log:
 
 
 @pytest.fixture
-def sentinel() -> Iterator[SentinelSetup]:
+def sentinel(redis_kind: str) -> Iterator[SentinelSetup]:
     """A master, a replica and three Sentinels of this test's own (the test kills the master)."""
-    setup = SentinelSetup().start()
+    setup = SentinelSetup(kind=redis_kind).start()
     yield setup
     setup.close()
 
 
 @pytest.fixture
-def cluster() -> Iterator[ClusterSetup]:
+def cluster(redis_kind: str) -> Iterator[ClusterSetup]:
     """Three masters of this test's own (the test freezes one)."""
-    setup = ClusterSetup().start()
+    setup = ClusterSetup(kind=redis_kind).start()
     yield setup
     setup.close()
 
 
 @pytest.fixture
-def failover(pg_table: tuple[str, str]) -> Iterator[Callable[..., FailoverStore]]:
+def failover(pg_table: tuple[str, str], pg_driver: str) -> Iterator[Callable[..., FailoverStore]]:
     """Build FailoverStores on a Redis URL and the test's table, as test_failover.py's Backends do; closed after."""
     made: list[FailoverStore] = []
 
     def build(redis_url: str, timeout: float = TIMEOUT) -> FailoverStore:
         cache = RedisStore(redis_url, prefix=unique("topo") + ":", timeout=timeout)
-        durable = PostgresStore(pg_table[0], table=pg_table[1], cleanup_interval=0, timeout=1.0)
+        durable = PostgresStore(pg_table[0], table=pg_table[1], cleanup_interval=0, timeout=1.0, driver=pg_driver)
         made.append(FailoverStore(cache, durable, probe_interval=PROBE, latency_budget=BUDGET))
         return made[-1]
 
@@ -199,6 +200,7 @@ def read_through_failover(browser: Browser, store: FailoverStore, setup: Sentine
     pytest.fail(f"no failover and return to Redis within {WAIT + 5} s (new master answered: {answered})")
 
 
+@each_redis_kind
 def test_promoted_replica_really_misses_the_latest_writes(sentinel: SentinelSetup, stores: list[Any]) -> None:
     """The scenario below is real: a Redis store alone, following the Sentinels, reads the older copy."""
     cache = RedisStore(sentinel.url(), prefix=unique("topo") + ":", timeout=TIMEOUT)
@@ -219,6 +221,7 @@ def _load_or_none(cache: RedisStore, key: str) -> Any:
         return None
 
 
+@each_pair
 def test_sentinel_failover_to_a_lagging_replica_serves_no_older_copy(
     sentinel: SentinelSetup, failover: Callable[..., FailoverStore], log: Log
 ) -> None:
@@ -298,6 +301,7 @@ def timed(user: User, what: str, action: Callable[[], Any]) -> tuple[Timed, Any]
     return Timed(time.monotonic() - started, user.name, what), result
 
 
+@each_pair
 def test_frozen_cluster_node_falls_back_to_postgres_and_comes_back(
     cluster: ClusterSetup, failover: Callable[..., FailoverStore], log: Log
 ) -> None:
@@ -352,22 +356,27 @@ def test_frozen_cluster_node_falls_back_to_postgres_and_comes_back(
 
 # -- Sentinel: a slow master --------------------------------------------------------------------------
 
-# Keep the server busy for ARGV[1] microseconds: every other command waits meanwhile.
+# Keep the server busy for ARGV[1] microseconds: every other command waits meanwhile. Valkey freezes TIME
+# for the length of a script (the loop would never end), so there it counts os.clock(), the CPU time the
+# loop spends; Redis 7.0 has no os library (the pcall fails), and its TIME moves.
 BUSY = """
-local start = redis.call('TIME')
-local began = start[1] * 1000000 + start[2]
-repeat
+local has_clock, clock = pcall(function() return os.clock end)
+local function now()
+  if has_clock then return clock() * 1000000 end
   local t = redis.call('TIME')
-until t[1] * 1000000 + t[2] - began >= tonumber(ARGV[1])
+  return t[1] * 1000000 + t[2]
+end
+local began = now()
+repeat until now() - began >= tonumber(ARGV[1])
 return 1
 """
 BUSY_SECONDS = 0.25  # well above the budget, and far below the slow test's timeout and down-after
 
 
 @pytest.fixture
-def patient_sentinel() -> Iterator[SentinelSetup]:
+def patient_sentinel(redis_kind: str) -> Iterator[SentinelSetup]:
     """Sentinels that call a master down after 2 s without an answer: a slow master is not a dead one."""
-    setup = SentinelSetup(down_after_ms=2000).start()
+    setup = SentinelSetup(down_after_ms=2000, kind=redis_kind).start()
     yield setup
     setup.close()
 
@@ -424,6 +433,7 @@ def hold(flaps: int) -> float:
     return PROBE * min((1 << flaps) - 1, 32)
 
 
+@each_pair
 def test_slow_sentinel_master_is_left_for_postgres_with_a_growing_hold(
     patient_sentinel: SentinelSetup, failover: Callable[..., FailoverStore], log: Log
 ) -> None:

@@ -1,6 +1,6 @@
 """One store, every front door at once: one login seen by a raw WSGI app, a Flask app, a Django app
 and a Pyramid app behind one domain (one cookie name and format between them), and one logout
-ending it for all.
+ending it for all. On Redis, and on PostgreSQL through each driver.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def pyramid_app(core: SessionCore) -> Any:
         return config.make_wsgi_app()
 
 
-@pytest.fixture(params=["redis", "postgres"])
+@pytest.fixture(params=["redis", "postgres-psycopg", "postgres-psycopg2"])
 def doors(
     request: pytest.FixtureRequest, make_store: Callable[..., SessionStore]
 ) -> Iterator[dict[str, webtest.TestApp]]:

@@ -3,6 +3,7 @@
 Every request goes out on a fresh connection, so the two sync workers take turns; the
 access log records which worker (pid) served which request (numbered in the query
 string), so that the tests can show a session written by one worker and read by the other.
+PostgreSQL's tests run on each driver (SESSION_PG_DRIVER).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import psycopg2
 import pytest
 import redis
 from gunicorn_runner import gunicorn, pid_log_config, server_log
-from servers import drop_table, require_postgres, require_redis, unique
+from servers import PG_DRIVERS, drop_table, require_postgres, require_redis, unique
 
 pytestmark = pytest.mark.slow
 
@@ -126,13 +127,13 @@ def assert_both_workers_served(client: Client, process: subprocess.Popen[bytes])
 
 @pytest.fixture
 def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The environment that points the demo at a store of the given kind, on private names."""
-    kind = request.param
+    """The environment that points the demo at a store of the given kind (``postgres-<driver>``), on private names."""
+    kind, _, driver = request.param.partition("-")
     if kind == "sqlite":
         yield {"SESSION_STORE": "sqlite", "SESSION_SQLITE_PATH": str(tmp_path / "sessions.sqlite3")}
     elif kind == "postgres":
         url, table = require_postgres(), unique("demo")
-        yield {"SESSION_STORE": "postgres", "DATABASE_URL": url, "SESSION_TABLE": table}
+        yield {"SESSION_STORE": "postgres", "DATABASE_URL": url, "SESSION_TABLE": table, "SESSION_PG_DRIVER": driver}
         drop_table(url, table)
     elif kind == "redis":
         url, prefix = require_redis(), unique("demo") + ":"
@@ -147,7 +148,7 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[s
     ("example", "store_env"),
     [
         ("raw_wsgi", "sqlite"),
-        ("raw_wsgi", "postgres"),
+        *(("raw_wsgi", f"postgres-{driver}") for driver in PG_DRIVERS),
         ("raw_wsgi", "redis"),
         ("bottle_app", "sqlite"),
         ("flask_app", "sqlite"),  # a framework's own session API (Pyramid's and Django's demos need CSRF tokens)
@@ -184,15 +185,15 @@ class Preloaded(NamedTuple):
     table: str
 
 
-@pytest.fixture(scope="module")
-def preloaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Preloaded]:
-    """The demo on Redis with its PostgreSQL copy under ``gunicorn --preload``: the store (a
-    FailoverStore) is built in the master, before the fork. The wsgisession log lines carry the
+@pytest.fixture(scope="module", params=PG_DRIVERS)
+def preloaded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Preloaded]:
+    """The demo on Redis with its PostgreSQL copy (on each driver) under ``gunicorn --preload``: the store
+    (a FailoverStore) is built in the master, before the fork. The wsgisession log lines carry the
     pid of the process that wrote them."""
     url, table, prefix = require_postgres(), unique("demo"), unique("preload") + ":"
     log_config = pid_log_config(tmp_path_factory.mktemp("preload"))
     env = {"REDIS_URL": require_redis(), "SESSION_REDIS_PREFIX": prefix, "DATABASE_URL": url, "SESSION_TABLE": table,
-           "SESSION_CLEANUP_INTERVAL": "0.5"}  # fmt: skip
+           "SESSION_CLEANUP_INTERVAL": "0.5", "SESSION_PG_DRIVER": request.param}  # fmt: skip
     args = (*SERVER_ARGS, "--log-config-json", str(log_config))
     try:
         with gunicorn("examples.raw_wsgi:app", env, workers=2, preload=True, args=args) as (base_url, process):

@@ -9,6 +9,9 @@ connections), users who found themselves logged out, lost increments (per user, 
 acknowledged count was ever missing from what was read back, at the end too, and again once
 Redis is flushed so that PostgreSQL alone answers) and the slowest request. ``pytest -s``
 prints the table.
+
+A scenario runs on Redis with the default PostgreSQL driver (psycopg 3); those where a server kind or a
+driver matters (a restarted server, PostgreSQL's connections lost) also on each of servers.PAIRS.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pytest
 import redis
 from gunicorn_runner import gunicorn, pid_log_config, server_log
 from pg_server import PostgresServer
-from servers import RedisServer, running, unique
+from servers import RedisServer, each_pair, running, unique
 
 pytestmark = pytest.mark.slow
 
@@ -194,6 +197,7 @@ def run_scenario(
     log_config: Path,
     fault: Callable[[], None],
     repair: Callable[[], None],
+    driver: str | None = None,
 ) -> Run:
     env = {
         "REDIS_URL": redis_server.url,
@@ -202,6 +206,7 @@ def run_scenario(
         "SESSION_REDIS_PREFIX": unique("outage") + ":",
         "SESSION_PROBE_INTERVAL": str(PROBE),
         "SESSION_STORE_TIMEOUT": str(TIMEOUT),
+        **({"SESSION_PG_DRIVER": driver} if driver else {}),
     }
     args = ("--worker-class", "gthread", "--log-config-json", str(log_config))
     with gunicorn("examples.raw_wsgi:app", env, workers=2, threads=4, args=args) as (url, process):
@@ -232,7 +237,7 @@ def run_scenario(
         log = "\n".join(f"wsgisession[{pid}] {level} {message}" for pid, level, message in
                         LOG_LINE.findall(server_log(process)))  # fmt: skip
     result = Result(
-        scenario,
+        scenario if driver is None else f"{scenario} ({redis_server.kind}, {driver})",
         requests=sum(u.requests for u in users),
         errors=sum(u.errors for u in users),
         logged_out=sum(u.logged_out for u in users),
@@ -270,9 +275,12 @@ def assert_one_line_per_switch(run: Run, down: str, back: str) -> None:
 # -- the scenarios -------------------------------------------------------------------------------
 
 
-def test_redis_killed_and_restarted(private_redis: RedisServer, postgres: PostgresServer, log_config: Path) -> None:
+@each_pair
+def test_redis_killed_and_restarted(
+    private_redis: RedisServer, postgres: PostgresServer, log_config: Path, pg_driver: str
+) -> None:
     run = run_scenario("Redis killed, restarted", private_redis, postgres, log_config,
-                       private_redis.kill, private_redis.start)  # fmt: skip
+                       private_redis.kill, private_redis.start, pg_driver)  # fmt: skip
     assert_unharmed(run)
     assert_one_line_per_switch(run, DOWN_LINE, BACK_LINE)
 
@@ -297,8 +305,9 @@ def test_redis_flushed(private_redis: RedisServer, postgres: PostgresServer, log
     assert not run.lines(DOWN_LINE), "a flushed Redis is not an outage"
 
 
+@each_pair
 def test_postgres_connections_terminated(
-    private_redis: RedisServer, postgres: PostgresServer, log_config: Path
+    private_redis: RedisServer, postgres: PostgresServer, log_config: Path, pg_driver: str
 ) -> None:
     terminated: list[int] = []
 
@@ -312,16 +321,19 @@ def test_postgres_connections_terminated(
         conn.close()
 
     run = run_scenario("PostgreSQL connections terminated", private_redis, postgres, log_config,
-                       terminate, terminate)  # fmt: skip
+                       terminate, terminate, pg_driver)  # fmt: skip
     assert terminated[0] > 0, "the app held no PostgreSQL connection to terminate"
     assert_unharmed(run)
     # Any worker that lost PostgreSQL got it back (and said so) before the end.
     assert run.lines(PG_BACK_LINE) == run.lines(PG_DOWN_LINE), run.log
 
 
-def test_postgres_stopped_and_started(private_redis: RedisServer, postgres: PostgresServer, log_config: Path) -> None:
+@each_pair
+def test_postgres_stopped_and_started(
+    private_redis: RedisServer, postgres: PostgresServer, log_config: Path, pg_driver: str
+) -> None:
     run = run_scenario("PostgreSQL stopped, started", private_redis, postgres, log_config,
-                       postgres.stop, postgres.start)  # fmt: skip
+                       postgres.stop, postgres.start, pg_driver)  # fmt: skip
     assert_unharmed(run)
     assert_one_line_per_switch(run, PG_DOWN_LINE, PG_BACK_LINE)
     copied = [int(n) for n in re.findall(r"PostgreSQL is back: (\d+) sessions copied", run.log)]

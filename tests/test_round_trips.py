@@ -5,7 +5,9 @@
   connections it opens. The server is a private redis-server, so nothing else is loaded on it.
 - PostgreSQL: the store connects through a TCP proxy that reads the frontend protocol and
   counts the queries that go by (and the connections opened), so implicit statements (a BEGIN
-  or COMMIT psycopg2 might send on its own) are counted too.
+  or COMMIT the driver might send on its own) are counted too.
+
+Redis runs on each server kind, PostgreSQL on each driver, FailoverStore on each of servers.PAIRS.
 
 Expected, per request, once connections are open:
 
@@ -33,10 +35,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
 import psycopg2
 import pytest
 import redis
-from servers import SECRET, RedisServer, drop_table, require_postgres, running, unique
+from servers import PAIRS, PG_DRIVERS, REDIS_KINDS, SECRET, RedisServer, drop_table, require_postgres, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import SessionMiddleware, SessionStore
@@ -48,7 +51,10 @@ from wsgisession.stores.redis import RedisStore
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-KINDS = ["redis", "postgres", "failover"]
+# (store, Redis server kind, PostgreSQL driver): Redis on each server kind, PostgreSQL on each driver,
+# FailoverStore on each of servers.PAIRS.
+KINDS = [*(("redis", kind, None) for kind in REDIS_KINDS), *(("postgres", None, driver) for driver in PG_DRIVERS),
+         *(("failover", kind, driver) for kind, driver in PAIRS)]  # fmt: skip
 MAX_AGE = 3600.0
 
 
@@ -225,21 +231,28 @@ class Counted:
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with running(RedisServer()) as server:
-        yield server
+def redis_servers() -> Iterator[dict[str, RedisServer]]:
+    """A private server of each kind, for the module (started here, so that nothing else loads it)."""
+    servers = {kind: RedisServer(kind) for kind in REDIS_KINDS}
+    try:
+        for server in servers.values():
+            server.start()
+        yield servers
+    finally:
+        for server in servers.values():
+            server.close()
 
 
 @pytest.fixture
-def counted(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Counted]:
-    kind: str = request.param
+def counted(request: pytest.FixtureRequest, redis_servers: dict[str, RedisServer]) -> Iterator[Counted]:
+    kind, server_kind, driver = request.param
     wires: dict[str, Wire] = {}
     cleanups: list[Callable[[], None]] = []
     stores: list[SessionStore] = []
     try:
         if kind in ("redis", "failover"):
             wires["redis"] = Wire()
-            client = counting_redis(redis_server.url, wires["redis"])
+            client = counting_redis(redis_servers[server_kind].url, wires["redis"])
             cleanups.append(client.close)
             stores.append(RedisStore(client=client, prefix=unique("rt") + ":"))
         if kind in ("postgres", "failover"):
@@ -250,7 +263,7 @@ def counted(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterat
             cleanups.append(proxy.close)
             table = unique("rt")
             cleanups.append(lambda: drop_table(url, table))
-            stores.append(PostgresStore(through(url, proxy.port), table=table, cleanup_interval=0))
+            stores.append(PostgresStore(through(url, proxy.port), table=table, cleanup_interval=0, driver=driver))
         # A long probe interval: the failover probe sends nothing while requests are counted.
         store = stores[0] if len(stores) == 1 else FailoverStore(stores[0], stores[1], probe_interval=3600)
         cleanups.append(store.close)
@@ -316,7 +329,7 @@ def expect(kind: str, one: int, failover: tuple[int, int]) -> dict[str, int]:
     return {kind: one}
 
 
-by_kind = pytest.mark.parametrize("counted", KINDS, indirect=True)
+by_kind = pytest.mark.parametrize("counted", KINDS, indirect=True, ids=lambda kind: "-".join(filter(None, kind)))
 
 
 # -- the counts --------------------------------------------------------------------------
@@ -402,10 +415,10 @@ def test_a_login_writes_once(counted: Counted) -> None:
     assert totals(seen) == expect(counted.kind, 1, (1, 1)), seen
 
 
-def test_the_counters_see_every_send(redis_server: RedisServer) -> None:
+def test_the_counters_see_every_send(redis_servers: dict[str, RedisServer]) -> None:
     """The Redis counter counts sends, not commands, and sees plain commands as well as pipelines."""
     wire = Wire()
-    client = counting_redis(redis_server.url, wire)
+    client = counting_redis(redis_servers["redis"].url, wire)
     key = unique("rt")
     client.set(key, json.dumps({"a": 1}))
     pipe = client.pipeline(transaction=False)
@@ -418,20 +431,24 @@ def test_the_counters_see_every_send(redis_server: RedisServer) -> None:
     assert wire.connects == 1
 
 
-def test_the_proxy_sees_statements_the_driver_sends_on_its_own() -> None:
-    """Outside autocommit psycopg2 sends BEGIN and COMMIT by itself: the proxy counts them too."""
+@pytest.mark.parametrize(
+    ("driver", "select"), [(psycopg, "(extended-protocol Sync)"), (psycopg2, "SELECT 1")], ids=["psycopg", "psycopg2"]
+)
+def test_the_proxy_sees_statements_the_driver_sends_on_its_own(driver: Any, select: str) -> None:
+    """Outside autocommit the driver sends BEGIN and COMMIT by itself: the proxy counts them too, and a query
+    with parameters, which psycopg2 sends as text and psycopg 3 in the extended protocol (counted by its Sync)."""
     url = require_postgres()
     parts = urlsplit(url)
     wire = Wire()
     proxy = PostgresProxy((parts.hostname or "127.0.0.1", parts.port or 5432), wire)
     try:
-        conn = psycopg2.connect(through(url, proxy.port))
+        conn = driver.connect(through(url, proxy.port))
         with conn.cursor() as cur:
-            cur.execute("SELECT 1")
+            cur.execute("SELECT %s", (1,))
             cur.fetchone()
         conn.commit()
         conn.close()
     finally:
         proxy.close()
-    assert wire.trips == ["BEGIN", "SELECT 1", "COMMIT"]
+    assert wire.trips == ["BEGIN", select, "COMMIT"]
     assert wire.connects == 1

