@@ -275,7 +275,8 @@ def wsgisession_variant(store_kind: str) -> WSGIApplication:
     elif store_kind == "postgres":
         from wsgisession.stores.postgres import PostgresStore
 
-        store = PostgresStore(env("DATABASE_URL"), table=name("ws"))
+        # raw is written on psycopg2, so the store is too: benchmarks/drivers.py puts psycopg 3 beside it
+        store = PostgresStore(env("DATABASE_URL"), table=name("ws"), driver="psycopg2")
     elif store_kind == "sqlite":
         store = SQLiteStore(os.path.join(env("BENCH_DIR"), "wsgisession.sqlite3"))
     elif store_kind == "failover":
@@ -285,7 +286,7 @@ def wsgisession_variant(store_kind: str) -> WSGIApplication:
 
         store = FailoverStore(
             RedisStore(env("REDIS_URL"), prefix=name("wsfo") + ":"),
-            PostgresStore(env("DATABASE_URL"), table=name("wsfo")),
+            PostgresStore(env("DATABASE_URL"), table=name("wsfo"), driver="psycopg2"),
         )
     else:
         raise ValueError(store_kind)
