@@ -1,7 +1,5 @@
-"""Redis clients from a URL, and redis-py's errors as StoreError: against real redis-server processes.
-
-(The Sentinel and Cluster URLs' parsing is tested in test_scale.py, beside the servers it needs.)
-"""
+"""Redis clients from a URL (one server, Sentinel, Cluster), and redis-py's errors as StoreError: against real
+redis-server processes where a test connects."""
 
 from __future__ import annotations
 
@@ -9,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 from servers import SECRET, RedisServer, free_port, running
 
 from wsgisession import ConfigError, Settings, StoreError, create_session_store
@@ -58,6 +57,27 @@ def test_a_wrong_password_is_a_store_error_naming_redis(server: RedisServer) -> 
     assert isinstance(raised.value.__cause__, redis.AuthenticationError)
 
 
+def test_sentinel_url_builds_redis_py_sentinel_client() -> None:
+    client = client_from_url(
+        "rediss+sentinel://app:s%40cret@10.0.0.1:26380,[::1],sentinel.example/sessions/3"
+        "?sentinel_password=spw&ssl_ca_certs=/etc/ca.pem",
+        timeout=0.7,
+    )
+    assert isinstance(client, redis.Redis)
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "sessions" and pool.connection_class is SentinelManagedSSLConnection
+    kwargs = pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "app", "s@cret")
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.7
+    assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"]) for s in sentinels] == [("10.0.0.1", 26380), ("::1", 26379),
+                                                           ("sentinel.example", 26379)]  # fmt: skip
+    assert {s["password"] for s in sentinels} == {"spw"} and {s["socket_timeout"] for s in sentinels} == {0.7}
+    client.close()
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
@@ -65,19 +85,38 @@ def test_a_wrong_password_is_a_store_error_naming_redis(server: RedisServer) -> 
         ("redis://127.0.0.1:70000/0", "out of range"),
         ("http://127.0.0.1:6379/0", "unknown scheme http://: use redis://, rediss://, unix://"),
         ("127.0.0.1:6379", "unknown scheme (none)"),
+        ("redis+sentinel:///mymaster/0", "no host"),
+        ("redis+sentinel://h1:26379,,h2/mymaster", "no host"),
+        ("redis+sentinel://h1:26379", "no service name"),
+        ("redis+sentinel://h1:26379/", "no service name"),
+        ("redis+sentinel://h1:notaport/mymaster", "bad port 'notaport'"),
+        ("redis+sentinel://h1:70000/mymaster", "bad port '70000'"),
+        ("redis+sentinel://h1/mymaster/zero", "bad database number"),
+        ("redis+sentinel://h1/mymaster/0/extra", "too many path parts"),
+        ("redis+sentinel://h1/mymaster?sentinel_pasword=x", "unknown option sentinel_pasword"),
+        ("redis+sentinel://h1/mymaster?ssl_ca_certs=/ca.pem", "TLS options need rediss+sentinel://"),
+        ("redis+cluster://", "no host"),
+        ("redis+cluster://:pw@", "no host"),
+        ("redis+cluster://h1:7000,h2:x", "bad port 'x'"),
+        ("redis+cluster://h1:7000/1", "only database 0"),
+        ("redis+cluster://::1:7000", "[address]:port"),
+        ("rediss+cluster://h1?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
+        ("redis+clutser://h1:7000", "unknown scheme redis+clutser://"),
     ],
 )
-def test_a_bad_one_server_url_raises_value_error_saying_why(url: str, message: str) -> None:
+def test_bad_urls_raise_value_error_saying_why(url: str, message: str) -> None:
     with pytest.raises(ValueError) as raised:
         client_from_url(url)
     assert message in str(raised.value)
 
 
-def test_a_bad_url_in_settings_is_a_config_error_without_the_password() -> None:
-    settings = Settings.load({}, secret=SECRET, store="redis", redis_url="redis://:hunter2@127.0.0.1:notaport/0")
+@pytest.mark.parametrize(("url", "message"), [("redis://:hunter2@127.0.0.1:notaport/0", "'notaport'"),
+                                            ("redis+sentinel://:hunter2@h1:26379", "no service name")])  # fmt: skip
+def test_a_bad_url_in_settings_is_a_config_error_without_the_password(url: str, message: str) -> None:
+    settings = Settings.load({}, secret=SECRET, store="redis", redis_url=url)
     with pytest.raises(ConfigError) as raised:
         create_session_store(settings)
-    assert "is not a Redis URL" in str(raised.value) and "'notaport'" in str(raised.value)
+    assert "is not a Redis URL" in str(raised.value) and message in str(raised.value)
     assert "hunter2" not in str(raised.value)
 
 

@@ -23,21 +23,18 @@ from urllib.parse import parse_qs
 
 import psycopg2
 import pytest
-import redis
 from redis.cluster import RedisCluster
-from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 from redis_topologies import ClusterSetup, PgBouncer, RedisProcess, SentinelSetup, wait_until
 from servers import SECRET, drop_table, each_pair, each_pg_driver, each_redis_kind, require_postgres, unique
 from werkzeug.test import create_environ, run_wsgi_app
 
-from wsgisession import ConfigError, Session, SessionMiddleware, Settings, create_session_store
+from wsgisession import Session, SessionMiddleware, Settings, create_session_store
 from wsgisession.stores.base import Changes, StoreError
 from wsgisession.stores.connect_redis import ConnectRedisStore
 from wsgisession.stores.express import ExpressDocument
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.postgres import PostgresStore
 from wsgisession.stores.redis import RedisStore
-from wsgisession.stores.redis_client import client_from_url
 from wsgisession.stores.sql import CLEANUP_BATCH
 
 if TYPE_CHECKING:
@@ -115,62 +112,6 @@ def contract(store: RedisStore | PostgresStore) -> None:
 
 
 # -- URLs ---------------------------------------------------------------------------------------
-
-
-def test_sentinel_url_builds_redis_py_sentinel_client() -> None:
-    client = client_from_url(
-        "rediss+sentinel://app:s%40cret@10.0.0.1:26380,[::1],sentinel.example/sessions/3"
-        "?sentinel_password=spw&ssl_ca_certs=/etc/ca.pem",
-        timeout=0.7,
-    )
-    assert isinstance(client, redis.Redis)
-    pool = client.connection_pool
-    assert isinstance(pool, SentinelConnectionPool)
-    assert pool.service_name == "sessions" and pool.connection_class is SentinelManagedSSLConnection
-    kwargs = pool.connection_kwargs
-    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (3, "app", "s@cret")
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.7
-    assert kwargs["ssl_ca_certs"] == "/etc/ca.pem"
-    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
-    assert [(s["host"], s["port"]) for s in sentinels] == [("10.0.0.1", 26380), ("::1", 26379),
-                                                           ("sentinel.example", 26379)]  # fmt: skip
-    assert {s["password"] for s in sentinels} == {"spw"} and {s["socket_timeout"] for s in sentinels} == {0.7}
-    client.close()
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("redis+sentinel:///mymaster/0", "no host"),
-        ("redis+sentinel://h1:26379,,h2/mymaster", "no host"),
-        ("redis+sentinel://h1:26379", "no service name"),
-        ("redis+sentinel://h1:26379/", "no service name"),
-        ("redis+sentinel://h1:notaport/mymaster", "bad port 'notaport'"),
-        ("redis+sentinel://h1:70000/mymaster", "bad port '70000'"),
-        ("redis+sentinel://h1/mymaster/zero", "bad database number"),
-        ("redis+sentinel://h1/mymaster/0/extra", "too many path parts"),
-        ("redis+sentinel://h1/mymaster?sentinel_pasword=x", "unknown option sentinel_pasword"),
-        ("redis+sentinel://h1/mymaster?ssl_ca_certs=/ca.pem", "TLS options need rediss+sentinel://"),
-        ("redis+cluster://", "no host"),
-        ("redis+cluster://:pw@", "no host"),
-        ("redis+cluster://h1:7000,h2:x", "bad port 'x'"),
-        ("redis+cluster://h1:7000/1", "only database 0"),
-        ("redis+cluster://::1:7000", "[address]:port"),
-        ("rediss+cluster://h1?ssl_cert_reqs=maybe", "ssl_cert_reqs must be"),
-        ("redis+clutser://h1:7000", "unknown scheme redis+clutser://"),
-    ],
-)
-def test_bad_urls_raise_value_error_saying_why(url: str, message: str) -> None:
-    with pytest.raises(ValueError) as raised:
-        RedisStore(url)
-    assert message in str(raised.value)
-
-
-def test_bad_url_is_a_config_error_without_the_password() -> None:
-    settings = Settings.load({}, secret=SECRET, store="redis", redis_url="redis+sentinel://:hunter2@h1:26379")
-    with pytest.raises(ConfigError) as raised:
-        create_session_store(settings)
-    assert "no service name" in str(raised.value) and "hunter2" not in str(raised.value)
 
 
 def test_unreachable_cluster_at_start_up_falls_back_to_postgres(
