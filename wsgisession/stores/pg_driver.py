@@ -39,8 +39,16 @@ class Driver(ABC):
 
     @staticmethod
     @abstractmethod
-    def check(dsn: str) -> None:
+    def parse(dsn: str) -> dict[str, Any]:
+        """The parts of a connection string or URL, as libpq reads them (raising one of :attr:`errors`)."""
+
+    @classmethod
+    def check(cls, dsn: str) -> None:
         """Raise ValueError when ``dsn`` is not a connection string or URL (the message never quotes it)."""
+        try:
+            cls.parse(dsn)
+        except cls.errors:  # its message quotes the URL, password and all
+            raise ValueError("not a PostgreSQL connection string") from None
 
     @abstractmethod
     def connect(self) -> Any:

@@ -29,11 +29,8 @@ class Psycopg2(Driver):
         self._prepared = {sql: _prepared(sql) for sql in self.statements}
 
     @staticmethod
-    def check(dsn: str) -> None:
-        try:
-            psycopg2.extensions.parse_dsn(dsn)
-        except psycopg2.ProgrammingError:  # its message quotes the URL, password and all
-            raise ValueError("not a PostgreSQL connection string") from None
+    def parse(dsn: str) -> dict[str, Any]:
+        return dict(psycopg2.extensions.parse_dsn(dsn))
 
     def connect(self) -> Any:
         conn = psycopg2.connect(

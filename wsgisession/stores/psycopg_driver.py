@@ -34,11 +34,8 @@ class Psycopg(Driver):
     data_error = psycopg.DataError
 
     @staticmethod
-    def check(dsn: str) -> None:
-        try:
-            psycopg.conninfo.conninfo_to_dict(dsn)
-        except psycopg.ProgrammingError:  # its message quotes the URL, password and all
-            raise ValueError("not a PostgreSQL connection string") from None
+    def parse(dsn: str) -> dict[str, Any]:
+        return dict(psycopg.conninfo.conninfo_to_dict(dsn))
 
     def connect(self) -> Any:
         conn = _Connection.connect(self.dsn, **self._options())
