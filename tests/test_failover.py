@@ -29,7 +29,7 @@ from werkzeug.test import create_environ, run_wsgi_app
 from wsgisession import Session, SessionMiddleware
 from wsgisession.signing import Signer, store_key
 from wsgisession.status import status_app
-from wsgisession.stores.base import Changes, StoreError
+from wsgisession.stores.base import Changes, Record, StoreError
 from wsgisession.stores.failover import FailoverStore
 from wsgisession.stores.health import MAX_HOLD
 from wsgisession.stores.postgres import PostgresStore
@@ -809,6 +809,85 @@ def test_a_restarted_redis_is_not_read_before_it_is_checked(shared: Backends) ->
     unchecked.close()
     assert alice.session()["count"] == 3, "read the restarted server's older copy before checking it"
     assert store.serving_from == "PostgreSQL"
+
+
+class Hooked(RedisStore):
+    """A RedisStore that runs ``on_expect`` when the probe tells it which server to expect next, and
+    pauses its next load (``pause_load``) until a copy is to be dropped from it (``clear``)."""
+
+    on_expect: Callable[[], object] | None = None
+    pause_load = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loading, self.go_on, self.loaded = threading.Event(), threading.Event(), threading.Event()
+
+    def expect(self, server: str) -> None:
+        super().expect(server)
+        hook, self.on_expect = self.on_expect, None
+        if hook is not None:
+            hook()
+
+    def load(self, key: str) -> Record | None:
+        if self.pause_load:
+            self.pause_load = False
+            self.loading.set()
+            self.go_on.wait(WAIT)
+        return super().load(key)
+
+    def clear(self) -> None:
+        self.go_on.set()  # a paused read goes on now, and reads before the copies are gone
+        self.loaded.wait(WAIT)
+        super().clear()
+
+
+def restarted_from_before_a_logout(shared: Backends) -> tuple[FailoverStore, Hooked]:
+    """A process (whose probe runs only when the test says) that saw a session, then its logout, after
+    which Redis restarted from a snapshot taken before the logout."""
+    cache = Hooked(shared.redis.url, prefix=shared.prefix, timeout=TIMEOUT)
+    durable = PostgresStore(shared.database_url, table=shared.table, cleanup_interval=0, driver=shared.driver)
+    store = FailoverStore(cache, durable, probe_interval=60)
+    shared.stores.append(store)
+    store.create("k", {"user": '"carol"'}, 600)
+    assert store.load("k") is not None  # the first probe: this server is the one expected
+    shared.redis.save()
+    store.delete("k")  # the logout
+    shared.redis.kill()
+    shared.redis.start()  # reloads the snapshot: the session is there again
+    return store, cache
+
+
+def test_a_read_as_the_probe_finds_a_restarted_redis_is_not_served_from_it(shared: Backends) -> None:
+    """A request that decides where to read just as the probe has told the cache to expect the new
+    server, before it dropped the copies: the read must not come from that server."""
+    store, cache = restarted_from_before_a_logout(shared)
+    seen: list[Record | None] = []
+    cache.on_expect = lambda: seen.append(store.load("k"))
+    cache.go_on.set()
+    cache.loaded.set()
+    store._check()  # the probe
+    assert seen == [None], "a logout was undone by a read between the probe's check and its drop"
+
+
+def test_a_read_in_flight_when_the_probe_finds_a_restarted_redis_is_not_served_from_it(shared: Backends) -> None:
+    """A request that chose to read Redis before the probe found it restarted, and reads it (through a
+    new connection, to the server now expected) before the probe dropped the copies."""
+    store, cache = restarted_from_before_a_logout(shared)
+    seen: list[Record | None] = []
+    cache.pause_load = True
+
+    def request() -> None:
+        try:
+            seen.append(store.load("k"))
+        finally:
+            cache.loaded.set()
+
+    reader = threading.Thread(target=request)
+    reader.start()
+    assert cache.loading.wait(WAIT)
+    store._check()  # the probe, while the read waits
+    reader.join(WAIT)
+    assert seen == [None], "a logout was undone by a read in flight across the probe"
 
 
 # -- gray failures --------------------------------------------------------------------------------

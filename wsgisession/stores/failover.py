@@ -130,7 +130,8 @@ class FailoverStore(SessionStore):
 
     def load(self, key: str) -> Record | None:
         self._first_use()
-        if self._reads_cache() or (self.cache_health.writable and not self.durable_health.up):
+        trusted = self._reads_cache()
+        if trusted or (self.cache_health.writable and not self.durable_health.up):
             started = time.perf_counter()
             try:
                 record = self.cache.load(key)
@@ -138,7 +139,9 @@ class FailoverStore(SessionStore):
                 self._cache_failed(exc)
             else:
                 self._cache_took(time.perf_counter() - started)
-                if record is not None:
+                # Still trusted after the read: the probe may have found meanwhile that the cache is
+                # another server (one restored from an older snapshot), which this read then reached.
+                if record is not None and (not trusted or self._reads_cache()):
                     return record
         if not self.durable_health.up:
             raise StoreError(f"{self.durable.name} is unavailable and {self.cache.name} cannot answer for it")
@@ -441,8 +444,7 @@ class FailoverStore(SessionStore):
                 self._cache_back(State.DOWN if returning else State.RETURNING)
             return
         try:
-            if not self._repair.same_server(server):
-                self._distrust()
+            self._repair.same_server(server, self._distrust)
             if self._catch_up.unsynced and not returning:
                 self._copy_to_durable()  # before any copy is dropped: they are the newest
             drained = self._repair.drain(self._distrust)  # most of it while writes go on

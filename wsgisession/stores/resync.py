@@ -49,14 +49,17 @@ class CacheRepair:
         except StoreError:
             self._unmarked.add(key)
 
-    def same_server(self, server: str) -> bool:
-        """Whether the cache is the server this process saw last; if not, mark every copy. From
-        then on, the cache refuses to answer from any other server until the next call.
+    def same_server(self, server: str, distrust: Callable[[], None]) -> bool:
+        """Whether the cache is the server this process saw last; if not, call ``distrust()`` and mark
+        every copy. From then on, the cache refuses to answer from any other server until the next call.
 
         The first server a process sees is taken as it is. Raises :class:`StoreError` when the
-        durable store cannot take the mark (the server is then still news next time)."""
+        durable store cannot take the mark (the server is then still news next time). ``distrust()``
+        comes first: once the new server is expected a read may reach it, and must by then find the
+        cache distrusted (FailoverStore.load checks again after its read)."""
         same = self.server is None or server == self.server
         if not same:
+            distrust()
             self.durable.mark_stale(DurableStore.EVERY)
             log.warning("%s changed servers (restarted, failed over or restored): every cached copy is dropped "
                         "before it is used again", self.cache.name)  # fmt: skip
