@@ -225,13 +225,15 @@ def time_rounds(
         for key in order:
             app, environ = calls[key]
             times[key].append(batch(app, environ, sizes[key]))
-    result = {}
-    for k, t in times.items():
-        wall = [x * 1e6 for x, _ in t]
-        q = statistics.quantiles(wall, n=4) if len(wall) > 1 else [wall[0]] * 3
-        median = statistics.median(wall)
-        result[k] = Timing(median, statistics.median(c for _, c in t) * 1e6, 100 * (q[2] - q[0]) / median, wall)
-    return result
+    return {k: summary([x * 1e6 for x, _ in t], [c * 1e6 for _, c in t]) for k, t in times.items()}
+
+
+def summary(us: list[float], cpu_us: list[float] | None = None) -> Timing:
+    """A case's Timing from the µs of its rounds (and their CPU µs, if measured): the medians, and the
+    interquartile range in % of the median."""
+    q = statistics.quantiles(us, n=4) if len(us) > 1 else [us[0]] * 3
+    median = statistics.median(us)
+    return Timing(median, statistics.median(cpu_us) if cpu_us else 0.0, 100 * (q[2] - q[0]) / median, us)
 
 
 def profile(variant: Variant, workload: str, calls: int) -> None:

@@ -18,6 +18,14 @@ def loopback_only(*urls: str) -> None:
             sys.exit(f"refusing to benchmark against a non-loopback server: {url}")
 
 
+def rst_table(rows: Sequence[Sequence[str]]) -> str:
+    """``rows`` (the first is the header) as a reStructuredText simple table, for the README."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    rule = "  ".join("=" * w for w in widths)
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+
+
 def print_table(
     header: Sequence[str], rows: Sequence[Sequence[str]], text_columns: int = 1, groups: bool = False
 ) -> None:

@@ -38,7 +38,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -49,8 +48,8 @@ from typing import Any
 import psycopg
 import psycopg2
 from apps import TTL, USER_ID, login_data, raw_app, wsgisession_app
-from bench import DATABASE_URL, RUN, Timing, batch, call, paired
-from common import close_all, drop_run_tables, loopback_only, print_table
+from bench import DATABASE_URL, RUN, Timing, batch, call, paired, summary
+from common import close_all, drop_run_tables, loopback_only, print_table, rst_table
 from werkzeug.test import create_environ
 
 from wsgisession import SessionMiddleware
@@ -308,14 +307,6 @@ def measure(cases: dict[tuple[str, str, str], Case], rounds: int) -> None:
 # -- the report --------------------------------------------------------------------------
 
 
-def timing(rounds: list[float]) -> Timing:
-    """A case's figure (µs, time or CPU time) from its rounds: the median (as Timing's us and cpu_us alike),
-    and the interquartile range in %."""
-    q = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else [rounds[0]] * 3
-    median = statistics.median(rounds)
-    return Timing(median, median, 100 * (q[2] - q[0]) / median, rounds)
-
-
 @dataclass
 class Figures:
     """A case's time and CPU time per operation."""
@@ -325,7 +316,7 @@ class Figures:
 
     @classmethod
     def of(cls, case: Case) -> Figures:
-        return cls(timing(case.wall), timing(case.cpu))
+        return cls(summary(case.wall), summary(case.cpu))
 
     def over(self, other: Figures) -> tuple[float, float]:
         """This case over ``other``: the median of the rounds' ratios, of time and of CPU time."""
@@ -366,10 +357,7 @@ def rst(cases: dict[tuple[str, str, str], Case]) -> str:
         time_x, cpu_x = ws["psycopg"].over(ws["psycopg2"])
         rows.append([label, *(f"{ws[d].wall.us:.0f} µs ({ws[d].cpu.us:.0f} CPU)" for d in DRIVERS),
                      f"{time_x:.2f}x time, {cpu_x:.2f}x CPU", " / ".join(f"{x:.2f}x" for x in floors)])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    rule = "  ".join("=" * w for w in widths)
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+    return rst_table(rows)
 
 
 # -- main --------------------------------------------------------------------------------

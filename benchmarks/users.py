@@ -45,7 +45,6 @@ import os
 import random
 import secrets
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -57,8 +56,8 @@ from typing import TYPE_CHECKING, Any
 import psycopg2
 import psycopg2.extensions
 import redis
-from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call, paired
-from common import close_all, drop_run_tables, loopback_only, print_table, remove_from_redis, run_keys
+from bench import DATABASE_URL, REDIS_URL, RUN, Timing, batch, call, paired, summary
+from common import close_all, drop_run_tables, loopback_only, print_table, remove_from_redis, rst_table, run_keys
 from werkzeug.test import create_environ
 
 from wsgisession import SessionMiddleware
@@ -382,10 +381,7 @@ def measure(items: list[Item], rounds: int) -> None:
 
 
 def timing(item: Item) -> Timing:
-    us = [s * 1e6 for s in item.seconds]
-    q = statistics.quantiles(us, n=4) if len(us) > 1 else [us[0]] * 3
-    median = statistics.median(us)
-    return Timing(median, 0.0, 100 * (q[2] - q[0]) / median, us)
+    return summary([s * 1e6 for s in item.seconds])
 
 
 def number(value: float) -> str:
@@ -442,10 +438,7 @@ def rst(items: list[Item]) -> str:
         rows.append([store, versus(store, "read, bound", "read, unbound"), versus(store, "login", "new session"),
                      versus(store, f"login, at the limit {LIMIT}", "new session"), pair(store, "list"),
                      pair(store, "end all")])  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    rule = "  ".join("=" * w for w in widths)
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join([rule, lines[0], rule, *lines[1:], rule])
+    return rst_table(rows)
 
 
 # -- main --------------------------------------------------------------------------------
