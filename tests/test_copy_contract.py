@@ -386,12 +386,17 @@ def test_a_copy_loads_as_the_original(
 # -- round trips -----------------------------------------------------------------------------------
 
 
+def counted_redis(cls: type[RedisStore], redis_url: str) -> tuple[RedisStore, Wire]:
+    """A store of ``cls`` (connect-redis's records for ConnectRedisStore) whose every round trip is counted."""
+    wire = Wire()
+    options = {"document": DOCUMENT} if cls is ConnectRedisStore else {}
+    return cls(client=counting_redis(redis_url, wire), prefix=unique("trips") + ":", **options), wire
+
+
 @each_redis_kind
 @pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
 def test_a_redis_scan_reads_each_batch_in_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
-    wire = Wire()
-    options = {"document": DOCUMENT} if cls is ConnectRedisStore else {}
-    store = cls(client=counting_redis(redis_url, wire), prefix=unique("trips") + ":", **options)
+    store, wire = counted_redis(cls, redis_url)
     try:
         create_many(store, [new_key(store) for _ in range(2500)])
         wire.trips.clear()
@@ -482,9 +487,7 @@ def test_sqlite_adds_a_batch_in_one_transaction(tmp_path: Any) -> None:
 @pytest.mark.parametrize("cls", [RedisStore, ConnectRedisStore])
 def test_a_redis_add_many_is_one_round_trip(cls: type[RedisStore], redis_url: str) -> None:
     """A migration's batch: one pipelined round trip, whatever its size."""
-    wire = Wire()
-    options = {"document": DOCUMENT} if cls is ConnectRedisStore else {}
-    store = cls(client=counting_redis(redis_url, wire), prefix=unique("trips") + ":", **options)
+    store, wire = counted_redis(cls, redis_url)
     try:
         batch = [(new_key(store), values(n), time.time() + 600) for n in range(1000)]
         store.add(*batch[0])  # the connection opened, the script loaded
