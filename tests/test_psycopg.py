@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from pg_server import PostgresServer
-from servers import SECRET, drop_table, each_pg_driver, require_postgres, running, unique
+from servers import SECRET, drop_table, each_pg_driver, pg_sql, require_postgres, running, unique
 from test_round_trips import PostgresProxy, Wire
 
 from wsgisession import StoreError
@@ -218,5 +218,22 @@ def test_psycopg_pool_starts_on_first_use_not_when_the_store_is_built(table: str
         assert pool_threads() == before
         store.ping()
         assert pool_threads() - before
+    finally:
+        store.close()
+
+
+@each_pg_driver
+def test_connections_the_server_ended_are_all_let_go_after_the_first_is_found(pg_driver: str, table: str) -> None:
+    """Every pooled connection ended by the server (a failover, pg_terminate_backend): the read that
+    finds the first one dead is run again, and must not be lent another dead one."""
+    url = require_postgres()
+    store = PostgresStore(url, table=table, cleanup_interval=0, driver=pg_driver, pool_size=4)
+    try:
+        store.create("k", {"n": "1"}, 600)
+        with store._cursor() as a, store._cursor() as b, store._cursor() as c:
+            pids = [cur.connection.info.backend_pid for cur in (a, b, c)]
+        pg_sql(url, "SELECT pg_terminate_backend(pid) FROM unnest(%s) pid", (pids,))
+        record = store.load("k")
+        assert record is not None and record.data == {"n": 1}
     finally:
         store.close()
